@@ -1,0 +1,176 @@
+"""Quantizer modules and the quantized Conv2d/Linear wrappers every method uses.
+
+A :class:`Quantizer` turns a tensor into its fake-quantized value (same shape, same
+dtype) and can report what it stores: the bit-width of its integer codes, how many
+scale parameters it keeps, and the scale groups (per tensor, per output channel) the
+bit audit counts distinct values in. A method builds quantizers; :func:`quantize_model`
+swaps every Conv2d/Linear of a model for a :class:`QuantConv2d`/:class:`QuantLinear`
+holding a weight quantizer and an input-activation quantizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Quantizer(nn.Module):
+    """Base class. ``bits`` is the code width (32 means: pass through in full precision).
+
+    Subclasses implement ``forward``; data-driven initialisation happens on the first
+    call in training or calibration (``initialized`` buffer), as the papers do.
+    """
+
+    bits: int
+    #: set by ``Method.calibrate``: statistics are gathered whatever the module's mode
+    observing: bool = False
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = int(bits)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def should_observe(self) -> bool:
+        """True while calibrating, and on the first training batch if not yet initialised."""
+        return self.observing or (self.training and not bool(self.initialized))
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 32
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    def scale_count(self) -> int:
+        """Number of full-precision scalars stored beside the codes (steps, levels, alphas)."""
+        return sum(p.numel() for p in self.parameters()) + sum(
+            b.numel() for n, b in self.named_buffers() if n != "initialized" and b.is_floating_point()
+        )
+
+    def max_levels(self) -> int:
+        """The most distinct values a tensor may hold per scale group."""
+        return 2**self.bits
+
+    def groups(self, q: torch.Tensor) -> list[torch.Tensor]:
+        """Split a quantized tensor into its scale groups (default: the whole tensor)."""
+        return [q]
+
+
+class Identity(Quantizer):
+    """Full precision: no quantization (bits = 32)."""
+
+    def __init__(self, bits: int = 32):
+        super().__init__(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def scale_count(self) -> int:
+        return 0
+
+
+class _QuantMixin:
+    """Holds ``weight_quantizer`` and ``act_quantizer`` (applied to the layer's input)."""
+
+    weight_quantizer: Quantizer
+    act_quantizer: Quantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+    @property
+    def w_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int:
+        return self.act_quantizer.bits
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quantizer(x), self.quantized_weight(), self.bias)
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+# ``make(module, name, role) -> Quantizer``: role is "weight" or "act".
+QuantizerFactory = Callable[[nn.Module, str, str], Quantizer]
+
+
+def _wrap(module: nn.Module, wq: Quantizer, aq: Quantizer) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        new = QuantConv2d.__new__(QuantConv2d)
+    elif isinstance(module, nn.Linear):
+        new = QuantLinear.__new__(QuantLinear)
+    else:  # pragma: no cover - guarded by the caller
+        raise TypeError(type(module))
+    new.__dict__.update(module.__dict__)  # shares parameters, buffers and hooks
+    new._modules = dict(module._modules)
+    new.weight_quantizer = wq
+    new.act_quantizer = aq
+    return new
+
+
+FIRST_LAST_POLICIES = ("fp", "8bit", "same")
+
+
+def quantize_model(
+    model: nn.Module,
+    make_weight: Callable[[nn.Module, str, int], Quantizer],
+    make_act: Callable[[nn.Module, str, int], Quantizer],
+    w_bits: int,
+    a_bits: int,
+    first_last: str = "8bit",
+    first_last_names: tuple[str, str] | None = None,
+    skip: Callable[[str, nn.Module], bool] | None = None,
+) -> nn.Module:
+    """Swap every Conv2d/Linear of ``model`` (in place) for a quantized wrapper.
+
+    ``make_weight(module, name, bits)`` and ``make_act(module, name, bits)`` build the
+    quantizers; a bit-width of 32 gets :class:`Identity`. ``first_last`` is the policy
+    for the first and last layers: ``"fp"`` keeps them in full precision, ``"8bit"``
+    quantizes them at 8 bits (LSQ, and most papers since), ``"same"`` treats them like the
+    rest. ``skip(name, module)`` leaves a layer untouched (full precision).
+    """
+    if first_last not in FIRST_LAST_POLICIES:
+        raise ValueError(f"first_last must be one of {FIRST_LAST_POLICIES}, got {first_last!r}")
+    from qbench.harness.models import first_last_layers
+
+    ends = set(first_last_names or first_last_layers(model))
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYERS)
+    ]
+    for name, module in targets:
+        if skip is not None and skip(name, module):
+            continue
+        wb, ab = w_bits, a_bits
+        if name in ends:
+            if first_last == "fp":
+                continue
+            if first_last == "8bit":
+                wb, ab = min(8, w_bits), min(8, a_bits)
+        wq = make_weight(module, name, wb) if wb < 32 else Identity()
+        aq = make_act(module, name, ab) if ab < 32 else Identity()
+        _set_submodule(model, name, _wrap(module, wq, aq))
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]

@@ -1,0 +1,23 @@
+"""Shared fixtures. Tests that need ../shared/data skip with a clear reason without it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real test data beside the checkout (../shared/data), or skip."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (only CI and developers have it)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
