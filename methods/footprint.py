@@ -84,8 +84,17 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 
 def _distinct_max(quantizer: Quantizer, w: torch.Tensor) -> int:
-    with torch.no_grad():
-        q = quantizer(w).detach().float()
+    """The most distinct values the quantizer's output holds in one scale group, computed
+    in eval mode (a quantizer's statistics never move while it is audited)."""
+    was, observing = quantizer.training, quantizer.observing
+    quantizer.eval()
+    quantizer.observing = False
+    try:
+        with torch.no_grad():
+            q = quantizer(w).detach().float()
+    finally:
+        quantizer.train(was)
+        quantizer.observing = observing
     return max(int(torch.unique(g).numel()) for g in quantizer.groups(q))
 
 
@@ -135,8 +144,15 @@ def footprint(model: nn.Module, example: torch.Tensor | None = None) -> Footprin
             )
         )
         total_bits += bits
-    # everything else that is stored: BN parameters and statistics, other float tensors
-    quantizer_tensors = {id(t) for m in model.modules() if isinstance(m, Quantizer) for t in m.state_dict().values()}
+    # everything else that is stored: BN parameters and statistics, other float tensors.
+    # Quantizer tensors are counted above (scale_count) and do not exist in the FP32 model.
+    # (ids of the live tensors: ``state_dict()`` would hand out detached copies.)
+    quantizer_tensors = {
+        id(t)
+        for m in model.modules()
+        if isinstance(m, Quantizer)
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+    }
     for t in list(model.parameters()) + list(model.buffers()):
         if not t.is_floating_point():
             continue

@@ -7,7 +7,7 @@ For every quantized tensor (each layer's weights, each layer's input activations
 step size :math:`s` is learned:
 
 .. math::
-    \bar v = \lfloor \mathrm{clip}(v/s, -Q_N, Q_P) \rceil, \qquad \hat v = \bar v \cdot s  \quad (1, 2)
+    \bar v = \lfloor \mathrm{clip}(v/s, -Q_N, Q_P) \rceil, \quad \hat v = \bar v s  \quad (1, 2)
 
     \partial \hat v / \partial s = -v/s + \lfloor v/s \rceil \text{ if } -Q_N < v/s < Q_P,
     \text{ else } -Q_N \text{ or } Q_P  \quad (3)
@@ -44,40 +44,51 @@ from .modules import Quantizer, quantize_model
 
 class LSQQuantizer(Quantizer):
     """A learned step size for one tensor (weights: signed; activations: signed or not,
-    decided at initialisation from the data)."""
+    decided at initialisation from the data).
 
-    def __init__(self, bits: int, signed: bool | None):
+    ``weight=True`` takes N (in the gradient scale) as the tensor's size, otherwise as
+    the number of features of one example (the tensor's size over its batch dimension).
+    """
+
+    def __init__(self, bits: int, signed: bool | None, weight: bool = False):
         super().__init__(bits)
         self.signed = signed  # None: decide on the first batch
+        self.weight = weight
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("is_signed", torch.tensor(bool(signed)))
+        self._grid_cache: tuple[int, int] | None = None
 
     def _grid(self) -> tuple[int, int]:
-        return int_range(self.bits, bool(self.is_signed))
+        # Python ints, read from the buffer once (not every step)
+        if self._grid_cache is None:
+            self._grid_cache = int_range(self.bits, bool(self.is_signed))
+        return self._grid_cache
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._grid_cache = None
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        if self.should_observe() and not bool(self.initialized):
+        if self.should_observe() and not self.is_initialized():
             self._init(v)
         qn, qp = self._grid()
-        n = v.numel() if self._is_weight else v[0].numel()  # N_W, or N_F per example
+        n = v.numel() if self.weight else v[0].numel()  # N_W, or N_F per example
         g = 1.0 / math.sqrt(n * qp)
         return lsq_quantize(v, self.step.to(v.dtype), qn, qp, g)
 
-    _is_weight = False
-
     @torch.no_grad()
     def _init(self, v: torch.Tensor) -> None:
+        """s = 2<|v|>/sqrt(Q_P) (sec. 2.1), from the pretrained weights or the first batch."""
         if self.signed is None:
             self.is_signed.fill_(bool((v < 0).any()))
+            self._grid_cache = None
         _, qp = self._grid()
-        self.step.copy_((2 * v.detach().abs().mean() / math.sqrt(qp)).clamp_min(1e-8))
-        self.initialized.fill_(True)
+        self.step.copy_((2 * v.detach().float().abs().mean() / math.sqrt(qp)).clamp_min(1e-8))
+        self.mark_initialized()
 
 
 def weight_quantizer(bits: int) -> LSQQuantizer:
-    q = LSQQuantizer(bits, signed=True)
-    q._is_weight = True
-    return q
+    return LSQQuantizer(bits, signed=True, weight=True)
 
 
 class LSQOptions(BaseModel):
@@ -94,6 +105,7 @@ class LSQ(Method):
         year=2020,
         url="https://arxiv.org/abs/1902.08153",
     )
+    comment = "no weight decay on step sizes; signed activation grid where a layer's input has negatives"
     weight_bits = tuple(range(2, 33))
     act_bits = tuple(range(2, 33))
     Options = LSQOptions
@@ -110,6 +122,6 @@ class LSQ(Method):
         # weights are known now: initialise their steps from the pretrained tensors
         for m in model.modules():
             wq = getattr(m, "weight_quantizer", None)
-            if isinstance(wq, LSQQuantizer) and not bool(wq.initialized):
+            if isinstance(wq, LSQQuantizer) and not wq.is_initialized():
                 wq._init(m.weight)
         return model

@@ -22,6 +22,11 @@ class Quantizer(nn.Module):
 
     Subclasses implement ``forward``; data-driven initialisation happens on the first
     call in training or calibration (``initialized`` buffer), as the papers do.
+
+    The buffer is the persistent truth (it travels in checkpoints); a Python mirror of it
+    lets the steady state skip the host read ``bool(buffer)`` would cost every step, so
+    a training step has no device-to-host sync and, under ``torch.compile``, no graph
+    break. The mirror is only trusted once True, and loading a state dict clears it.
     """
 
     bits: int
@@ -32,10 +37,26 @@ class Quantizer(nn.Module):
         super().__init__()
         self.bits = int(bits)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._init_known = False
+
+    def is_initialized(self) -> bool:
+        """Whether the data-driven initialisation has happened (reads the buffer from the
+        device only until it is True)."""
+        if not self._init_known:
+            self._init_known = bool(self.initialized)
+        return self._init_known
+
+    def mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._init_known = True
 
     def should_observe(self) -> bool:
         """True while calibrating, and on the first training batch if not yet initialised."""
-        return self.observing or (self.training and not bool(self.initialized))
+        return self.observing or (self.training and not self.is_initialized())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_known = False  # the loaded buffer is the truth again
 
     @property
     def enabled(self) -> bool:
@@ -45,9 +66,13 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}"
 
     def scale_count(self) -> int:
-        """Number of full-precision scalars stored beside the codes (steps, levels, alphas)."""
-        return sum(p.numel() for p in self.parameters()) + sum(
-            b.numel() for n, b in self.named_buffers() if n != "initialized" and b.is_floating_point()
+        """Number of full-precision scalars stored beside the codes (steps, levels, alphas):
+        the floating-point entries of this quantizer's state dict (non-persistent buffers,
+        such as constant code tables, are not stored)."""
+        return sum(
+            t.numel()
+            for name, t in self.state_dict().items()
+            if t.is_floating_point() and name.rpartition(".")[2] != "initialized"
         )
 
     def max_levels(self) -> int:
@@ -57,6 +82,11 @@ class Quantizer(nn.Module):
     def groups(self, q: torch.Tensor) -> list[torch.Tensor]:
         """Split a quantized tensor into its scale groups (default: the whole tensor)."""
         return [q]
+
+
+def per_channel_groups(q: torch.Tensor) -> list[torch.Tensor]:
+    """Scale groups of a per-output-channel quantizer: one row per output channel."""
+    return list(q.detach().reshape(q.shape[0], -1))
 
 
 class Identity(Quantizer):
@@ -120,7 +150,7 @@ def _wrap(module: nn.Module, wq: Quantizer, aq: Quantizer) -> nn.Module:
     return new
 
 
-FIRST_LAST_POLICIES = ("fp", "8bit", "same")
+FIRST_LAST_POLICIES = ("fp", "8bit", "same", "fp_weights")
 
 
 def quantize_model(
@@ -139,13 +169,17 @@ def quantize_model(
     quantizers; a bit-width of 32 gets :class:`Identity`. ``first_last`` is the policy
     for the first and last layers: ``"fp"`` keeps them in full precision, ``"8bit"``
     quantizes them at 8 bits (LSQ, and most papers since), ``"same"`` treats them like the
-    rest. ``skip(name, module)`` leaves a layer untouched (full precision).
+    rest, ``"fp_weights"`` keeps both layers' weights and the first layer's input (the
+    image) in full precision but quantizes the last layer's input like every other
+    activation (DoReFa-Net's official code). ``skip(name, module)`` leaves a layer
+    untouched (full precision).
     """
     if first_last not in FIRST_LAST_POLICIES:
         raise ValueError(f"first_last must be one of {FIRST_LAST_POLICIES}, got {first_last!r}")
     from qbench.harness.models import first_last_layers
 
-    ends = set(first_last_names or first_last_layers(model))
+    first, last = first_last_names or first_last_layers(model)
+    ends = {first, last}
     targets = [
         (n, m)
         for n, m in model.named_modules()
@@ -159,7 +193,14 @@ def quantize_model(
             if first_last == "fp":
                 continue
             if first_last == "8bit":
-                wb, ab = min(8, w_bits), min(8, a_bits)
+                # 8 bits, or the rest's precision where that is higher (W16, FP activations)
+                wb, ab = max(8, w_bits), max(8, a_bits)
+            elif first_last == "fp_weights":
+                wb = 32
+                if name == first:
+                    ab = 32
+        if wb >= 32 and ab >= 32:
+            continue  # nothing to quantize: the layer stays a plain full-precision layer
         wq = make_weight(module, name, wb) if wb < 32 else Identity()
         aq = make_act(module, name, ab) if ab < 32 else Identity()
         _set_submodule(model, name, _wrap(module, wq, aq))

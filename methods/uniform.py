@@ -26,7 +26,7 @@ from torch import nn
 
 from .base import Method, MethodContext, Paper
 from .functional import fake_quant
-from .modules import Quantizer, quantize_model
+from .modules import Quantizer, per_channel_groups, quantize_model
 
 
 class MinMaxWeight(Quantizer):
@@ -51,7 +51,7 @@ class MinMaxWeight(Quantizer):
         return 2 * self.qp + 1
 
     def groups(self, q: torch.Tensor) -> list[torch.Tensor]:
-        return list(q.reshape(q.shape[0], -1))
+        return per_channel_groups(q)
 
 
 class MinMaxAct(Quantizer):
@@ -64,12 +64,12 @@ class MinMaxAct(Quantizer):
         self.register_buffer("hi", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.should_observe() or self.training:
+        if self.observing or self.training:
             lo, hi = x.detach().min().float(), x.detach().max().float()
-            if not bool(self.initialized):
+            if not self.is_initialized():
                 self.lo.copy_(lo)
                 self.hi.copy_(hi)
-                self.initialized.fill_(True)
+                self.mark_initialized()
             elif self.observing:
                 self.lo.copy_(torch.minimum(self.lo, lo))
                 self.hi.copy_(torch.maximum(self.hi, hi))
@@ -95,7 +95,10 @@ class UniformOptions(BaseModel):
 class Uniform(Method):
     name = "uniform"
     paper = Paper(
-        title="Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
+        title=(
+            "Quantization and Training of Neural Networks for Efficient "
+            "Integer-Arithmetic-Only Inference"
+        ),
         authors="Jacob et al.",
         venue="CVPR",
         year=2018,
