@@ -1,0 +1,73 @@
+"""Exports of the leaderboard table: Markdown (EasyQuantization's README table plus a
+Reproduced column, ready to paste), CSV and JSON (every column of the table)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from .table import SECTIONS
+
+MD_COLUMNS = ["Dataset", "Method", "Model", "A/W", "Reported", "Reproduced {metric}", "Δ", "Comment"]
+
+
+def _md_cell(v: object) -> str:
+    """Table-safe Markdown text: no pipes, no line breaks, no raw HTML."""
+    s = " ".join(str(v).split())
+    return (s.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;").replace("<", "&lt;")
+            .replace(">", "&gt;")) or "-"
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(float(v))
+
+
+def reproduced_text(row: pd.Series) -> str:
+    if not _finite(row["reproduced"]):
+        return "failed" if row["status"] == "failed" else "-"
+    s = f"{row['reproduced']:.2f}"
+    if _finite(row["std"]):
+        s += f" ± {row['std']:.2f}"
+    return s + f" (n={int(row['n'])})"
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """One Markdown table per section, in EasyQuantization's shape (Dataset | Method | Model |
+    A/W | Reported | ... | Comment) with the reproduced number and its delta."""
+    out: list[str] = []
+    for section in SECTIONS.values():
+        rows = table[table["section"] == section]
+        if rows.empty:
+            continue
+        label = rows["metric_label"].iloc[0]
+        header = [c.format(metric=label) for c in MD_COLUMNS]
+        out += [f"### {section}", "", " | ".join(header), "|".join(["--- "] + [":---:"] * (len(header) - 1))]
+        for _, r in rows.iterrows():
+            delta = f"{r['delta']:+.2f} ({r['badge']})" if _finite(r["delta"]) else "-"
+            reported = f"{r['reported']:.2f}" if _finite(r["reported"]) else "-"
+            cells = [r["dataset"], r["method"], r["model"], r["aw"], reported, reproduced_text(r), delta, r["comment"]]
+            out.append(" | ".join(_md_cell(c) for c in cells))
+        out.append("")
+    if not out:
+        return "No runs and no reported numbers.\n"
+    return "\n".join(out)
+
+
+def _flat(table: pd.DataFrame) -> pd.DataFrame:
+    df = table.copy()
+    for col in ("run_ids", "seeds", "errors"):
+        df[col] = df[col].map(lambda v: " ".join(map(str, v)) if col != "errors" else " | ".join(map(str, v)))
+    return df
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    return _flat(table).to_csv(index=False)
+
+
+def to_json(table: pd.DataFrame) -> str:
+    records = []
+    for rec in table.to_dict("records"):
+        records.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()})
+    return json.dumps(records, indent=2, default=str) + "\n"

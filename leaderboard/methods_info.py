@@ -1,0 +1,57 @@
+"""What the leaderboard shows about every registered method (``qbench.methods.METHODS``).
+
+A plugin whose entry point fails to import is listed with the error instead of taking the
+whole leaderboard down.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+
+def _describe(name: str, cls: Any) -> dict:
+    paper = getattr(cls, "paper", None)
+    year = getattr(paper, "year", 0) or 0
+    return {
+        "name": name,
+        "title": getattr(paper, "title", "") if paper else "",
+        "authors": getattr(paper, "authors", "") if paper else "",
+        "venue": getattr(paper, "venue", "") if paper else "",
+        "year": year,
+        "cite": paper.cite() if paper is not None and year else "",
+        "url": getattr(paper, "url", "") if paper else "",
+        "code": getattr(paper, "code", "") if paper else "",
+        "comment": str(getattr(cls, "comment", "") or ""),
+        "status": str(getattr(cls, "status", "") or ""),
+        "init": str(getattr(cls, "init", "") or ""),
+        "weight_bits": _bits_range(getattr(cls, "weight_bits", ())),
+        "act_bits": _bits_range(getattr(cls, "act_bits", ())),
+        "error": "",
+    }
+
+
+def _bits_range(bits) -> str:
+    bits = sorted(int(b) for b in bits)
+    if not bits:
+        return ""
+    if bits == list(range(bits[0], bits[-1] + 1)) and len(bits) > 2:
+        return f"{bits[0]}..{bits[-1]}"
+    return ", ".join(map(str, bits))
+
+
+def registered_methods() -> list[dict]:
+    """One dict per registered method, sorted by name."""
+    from qbench.methods import METHODS
+
+    try:
+        return [_describe(name, cls) for name, cls in METHODS.items()]
+    except Exception:  # one plugin failed to import: load the others one by one
+        pass
+    out = []
+    for ep in sorted(entry_points(group="qbench.methods"), key=lambda e: e.name):
+        try:
+            out.append(_describe(ep.name, ep.load()))
+        except Exception as e:  # shown on the methods page
+            out.append({**_describe(ep.name, None), "error": f"{type(e).__name__}: {e}"})
+    return out

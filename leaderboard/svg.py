@@ -1,0 +1,227 @@
+"""Static SVG charts drawn at build time (no JavaScript, no CDN): line charts of training
+curves and scatter plots with their Pareto frontier. Every label is escaped here; the
+result is :class:`markupsafe.Markup`, ready to be placed in an autoescaped template."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from markupsafe import Markup, escape
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#7f7f7f", "#bcbd22"]
+W, H = 600, 300
+M_LEFT, M_RIGHT, M_TOP, M_BOTTOM = 58, 124, 30, 44
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1e6 or a < 1e-3:
+        return f"{v:.1e}"
+    if a >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values covering [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / max(1, n)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks = []
+    t = start
+    while t <= hi + step * 0.5 and len(ticks) < 50:
+        ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+@dataclass
+class Axis:
+    lo: float
+    hi: float
+    scale: str = "linear"  # linear | log10 | log2
+    ticks: Sequence[float] = ()
+
+    def f(self, v: float) -> float:
+        if self.scale == "log10":
+            return math.log10(v)
+        if self.scale == "log2":
+            return math.log2(v)
+        return v
+
+    def frac(self, v: float) -> float:
+        a, b = self.f(self.lo), self.f(self.hi)
+        return 0.5 if b == a else (self.f(v) - a) / (b - a)
+
+
+def _axis(values: list[float], scale: str, pad: float = 0.05) -> Axis:
+    vals = [v for v in values if math.isfinite(v) and (scale == "linear" or v > 0)]
+    if not vals:
+        return Axis(0.0, 1.0, "linear", nice_ticks(0, 1))
+    lo, hi = min(vals), max(vals)
+    if scale == "log2":
+        lo2, hi2 = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+        if hi2 == lo2:
+            lo2, hi2 = lo2 - 1, hi2 + 1
+        return Axis(2.0**lo2, 2.0**hi2, scale, [2.0**k for k in range(lo2, hi2 + 1)])
+    if scale == "log10":
+        lo10, hi10 = math.log10(lo), math.log10(hi)
+        span = max(hi10 - lo10, 0.2)
+        lo10, hi10 = lo10 - span * pad, hi10 + span * pad
+        ticks = [m * 10.0**k for k in range(math.floor(lo10), math.ceil(hi10) + 1) for m in (1, 2, 5)]
+        ticks = [t for t in ticks if lo10 <= math.log10(t) <= hi10]
+        return Axis(10**lo10, 10**hi10, scale, ticks)
+    span = (hi - lo) or (abs(hi) or 1.0)
+    ticks = nice_ticks(lo - span * pad, hi + span * pad)
+    return Axis(ticks[0], ticks[-1], scale, ticks)
+
+
+class _Canvas:
+    def __init__(self, title: str, xlabel: str, ylabel: str, x: Axis, y: Axis, label: str):
+        self.x, self.y = x, y
+        self.pw, self.ph = W - M_LEFT - M_RIGHT, H - M_TOP - M_BOTTOM
+        self.parts: list[str] = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} {H}" width="{W}" '
+            f'height="{H}" role="img" aria-label="{escape(label)}">',
+            f'<text x="{W / 2}" y="18" text-anchor="middle" class="t">{escape(title)}</text>',
+            f'<rect x="{M_LEFT}" y="{M_TOP}" width="{self.pw}" height="{self.ph}" class="plot"/>',
+        ]
+        for t in x.ticks:
+            px = self.px(t)
+            self.parts.append(f'<line x1="{px:.1f}" y1="{M_TOP}" x2="{px:.1f}" y2="{M_TOP + self.ph}" class="g"/>')
+            self.parts.append(f'<text x="{px:.1f}" y="{M_TOP + self.ph + 14}" text-anchor="middle">'
+                              f"{escape(_fmt(t))}</text>")
+        for t in y.ticks:
+            py = self.py(t)
+            self.parts.append(f'<line x1="{M_LEFT}" y1="{py:.1f}" x2="{M_LEFT + self.pw}" y2="{py:.1f}" class="g"/>')
+            self.parts.append(f'<text x="{M_LEFT - 5}" y="{py + 4:.1f}" text-anchor="end">{escape(_fmt(t))}</text>')
+        self.parts.append(f'<text x="{M_LEFT + self.pw / 2}" y="{H - 8}" text-anchor="middle" class="l">'
+                          f"{escape(xlabel)}</text>")
+        self.parts.append(f'<text transform="translate(14 {M_TOP + self.ph / 2}) rotate(-90)" '
+                          f'text-anchor="middle" class="l">{escape(ylabel)}</text>')
+
+    def px(self, v: float) -> float:
+        return M_LEFT + self.x.frac(v) * self.pw
+
+    def py(self, v: float) -> float:
+        return M_TOP + (1 - self.y.frac(v)) * self.ph
+
+    def add(self, s: str) -> None:
+        self.parts.append(s)
+
+    def legend(self, items: list[tuple[str, str, bool]]) -> None:
+        """(label, colour, hollow) entries, right of the plot."""
+        for i, (label, color, hollow) in enumerate(items[:16]):
+            y = M_TOP + 8 + i * 15
+            x = M_LEFT + self.pw + 14
+            fill = "white" if hollow else color
+            short = label if len(label) <= 16 else label[:15] + "\u2026"
+            self.parts.append(f'<circle cx="{x}" cy="{y - 4}" r="4" fill="{fill}" stroke="{color}"/>')
+            self.parts.append(f'<text x="{x + 8}" y="{y}" class="lg">{escape(short)}<title>{escape(label)}</title></text>')
+
+    def done(self) -> Markup:
+        return Markup("".join(self.parts) + "</svg>")
+
+
+def empty_chart(title: str, message: str) -> Markup:
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} 60" width="{W}" height="60" '
+        f'role="img" aria-label="{escape(title)}"><text x="{W / 2}" y="20" text-anchor="middle" class="t">'
+        f'{escape(title)}</text><text x="{W / 2}" y="44" text-anchor="middle">{escape(message)}</text></svg>'
+    )
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
+               ylog: bool = False) -> Markup:
+    """One polyline (with point markers) per named series of (x, y) points."""
+    series = {k: [(x, y) for x, y in v if math.isfinite(y) and (not ylog or y > 0)] for k, v in series.items()}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return empty_chart(title, "no data logged")
+    xs = [x for v in series.values() for x, _ in v]
+    ys = [y for v in series.values() for _, y in v]
+    c = _Canvas(title, xlabel, ylabel, _axis(xs, "linear", pad=0.0), _axis(ys, "log10" if ylog else "linear"),
+                title)
+    legend = []
+    for i, (name, pts) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        path = " ".join(f"{c.px(x):.1f},{c.py(y):.1f}" for x, y in pts)
+        c.add(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
+              f'data-series="{escape(name)}"/>')
+        for x, y in pts:
+            c.add(f'<circle cx="{c.px(x):.1f}" cy="{c.py(y):.1f}" r="2.5" fill="{color}">'
+                  f"<title>{escape(name)}: {escape(_fmt(x))}, {escape(_fmt(y))}</title></circle>")
+        legend.append((name, color, False))
+    c.legend(legend)
+    return c.done()
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated by another (smaller-or-equal x and larger-or-equal y), by x."""
+    best = -math.inf
+    front = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+@dataclass
+class Point:
+    x: float
+    y: float
+    label: str
+    group: str  # colour key (the method)
+    hollow: bool = False  # reported (hollow) or reproduced (filled)
+    yerr: float = math.nan
+
+
+def scatter(points: list[Point], title: str, xlabel: str, ylabel: str, xscale: str = "log10",
+            frontier: bool = True) -> Markup:
+    """A scatter plot with the Pareto frontier (lower x, higher y) of the filled points."""
+    points = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y) and (xscale == "linear" or p.x > 0)]
+    if not points:
+        return empty_chart(title, "no points to plot")
+    ys = [p.y for p in points] + [p.y + p.yerr for p in points if math.isfinite(p.yerr)] + \
+         [p.y - p.yerr for p in points if math.isfinite(p.yerr)]
+    c = _Canvas(title, xlabel, ylabel, _axis([p.x for p in points], xscale), _axis(ys, "linear"), title)
+    groups = list(dict.fromkeys(p.group for p in points))
+    colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    if frontier:
+        for hollow, dash in ((False, ""), (True, ' stroke-dasharray="4 3"')):
+            front = pareto_front([(p.x, p.y) for p in points if p.hollow == hollow])
+            if len(front) > 1:
+                steps = [front[0]]
+                for (x0, y0), (x1, y1) in zip(front, front[1:], strict=False):
+                    steps += [(x1, y0), (x1, y1)]
+                path = " ".join(f"{c.px(x):.1f},{c.py(y):.1f}" for x, y in steps)
+                kind = "reported" if hollow else "reproduced"
+                c.add(f'<polyline points="{path}" fill="none" stroke="#555" stroke-width="1.2"{dash} '
+                      f'class="front" data-front="{kind}"/>')
+    for p in points:
+        color = colors[p.group]
+        x, y = c.px(p.x), c.py(p.y)
+        if math.isfinite(p.yerr) and p.yerr > 0:
+            c.add(f'<line x1="{x:.1f}" y1="{c.py(p.y - p.yerr):.1f}" x2="{x:.1f}" y2="{c.py(p.y + p.yerr):.1f}" '
+                  f'stroke="{color}"/>')
+        fill = "white" if p.hollow else color
+        kind = "reported" if p.hollow else "reproduced"
+        c.add(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="{color}" stroke-width="1.6" '
+              f'class="pt" data-kind="{kind}"><title>{escape(p.label)} ({kind}): {escape(_fmt(p.y))} at '
+              f"{escape(_fmt(p.x))}</title></circle>")
+    legend = [(g, colors[g], False) for g in groups]
+    if any(p.hollow for p in points):
+        legend.append(("reported", "#555", True))
+    c.legend(legend)
+    return c.done()

@@ -1,0 +1,259 @@
+"""The leaderboard table: reproduced runs joined with the papers' reported numbers.
+
+One row per (configuration, reported number): the seeds of one resolved configuration
+(everything but the seed) are one group, summarised as mean, standard deviation (ddof=1)
+and n over its finished seeds; a group meets every reported row of the same dataset,
+model, method and W/A bits whose metric belongs to its task. A reported number with no
+run gets a row with an empty Reproduced; a group with no reported number gets a row with
+the badge ``no-reported``.
+
+The delta is reproduced minus reported, in points; the badge compares it with the
+suite's tolerance (run tag ``qbench.tolerance``, default 0.5 points): ``within``
+(|delta| <= tolerance), ``above``, ``below``; without a number on one side: ``no-reported``,
+``not-run`` (reported, nothing reproduced) or ``failed`` (every seed failed).
+
+A/W is written as EasyQuantization does: activation bits / weight bits (``2/2``, ``32/32``),
+or the ``notation`` of the reported row or the run's ``qbench.notation`` tag (``ter/ter``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .reported import METRICS, load_reported
+from .runs import Run, fetch_runs
+
+DEFAULT_TOLERANCE = 0.5
+SECTIONS = {"classification": "Classification", "detection": "Detection", "segmentation": "Segmentation"}
+PRIMARY_METRIC = {"classification": "top1", "detection": "box_ap", "segmentation": "mask_ap"}
+BADGES = {
+    "within": "within tolerance",
+    "above": "above reported",
+    "below": "below reported",
+    "no-reported": "no reported value",
+    "not-run": "not reproduced yet",
+    "failed": "failed",
+}
+MIB = 2**20  # the papers' "MB" (a ResNet-18 at 32 bits is 44.6 MB)
+
+COLUMNS = [
+    "section", "task", "dataset", "method", "model", "aw", "w_bits", "a_bits", "metric", "metric_label",
+    "reported", "reproduced", "std", "n", "n_failed", "delta", "badge", "tolerance",
+    "size_mb", "compression_ratio", "bops", "wall_time_s", "top5", "bit_audit_ok",
+    "comment", "reported_comment", "suite_comment", "method_comment",
+    "paper", "paper_cite", "paper_url", "source", "variant",
+    "reported_size_mb", "reported_compression_ratio", "reported_rel_bops",
+    "suite", "group", "status", "run_ids", "seeds", "errors",
+]
+
+
+def aw_notation(a_bits: int | None, w_bits: int | None, notation: str = "") -> str:
+    """EasyQuantization's A/W column: activation bits / weight bits, or an explicit notation."""
+    if notation:
+        return notation
+    a = "?" if a_bits is None else str(a_bits)
+    w = "?" if w_bits is None else str(w_bits)
+    return f"{a}/{w}"
+
+
+def run_task(run: Run) -> str:
+    """The task of a run: the ``qbench.task`` tag, else what it measured, else its dataset."""
+    task = run.tag("task")
+    if task in SECTIONS:
+        return task
+    if "mask_ap" in run.metrics:
+        return "segmentation"
+    if "box_ap" in run.metrics or run.tag("dataset").lower().startswith("coco"):
+        return "detection"
+    return "classification"
+
+
+def method_comments() -> dict[str, str]:
+    """``comment`` of every registered method (its stated deviations from the paper)."""
+    from .methods_info import registered_methods
+
+    return {m["name"]: m["comment"] for m in registered_methods()}
+
+
+@dataclass
+class _Group:
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def done(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "done"]
+
+    @property
+    def failed(self) -> list[Run]:
+        return [r for r in self.runs if r.status == "failed"]
+
+    def stat(self, key: str) -> tuple[float, float, int]:
+        vals = [r.metrics[key] for r in self.done if key in r.metrics and math.isfinite(r.metrics[key])]
+        if not vals:
+            return math.nan, math.nan, 0
+        std = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+        return float(np.mean(vals)), std, len(vals)
+
+    def mean(self, key: str) -> float:
+        return self.stat(key)[0]
+
+
+def _join_comment(*parts: str) -> str:
+    seen: list[str] = []
+    for p in parts:
+        p = (p or "").strip()
+        if p and p not in seen:
+            seen.append(p)
+    return " · ".join(seen)
+
+
+def _badge(delta: float, tolerance: float) -> str:
+    if abs(delta) <= tolerance + 1e-9:
+        return "within"
+    return "above" if delta > 0 else "below"
+
+
+def _group_row(g: _Group, comments: dict[str, str]) -> dict:
+    r = g.first
+    task = run_task(r)
+    size = g.mean("size_bytes")
+    tol = r.tolerance
+    ordered = sorted(g.runs, key=lambda x: (x.seed.zfill(6), x.run_id))
+    audit = [x.metrics.get("bit_audit_ok") for x in g.done if "bit_audit_ok" in x.metrics]
+    return {
+        "section": SECTIONS[task],
+        "task": task,
+        "dataset": r.tag("dataset"),
+        "method": r.tag("method"),
+        "model": r.tag("model"),
+        "w_bits": r.bits("w"),
+        "a_bits": r.bits("a"),
+        "aw": aw_notation(r.bits("a"), r.bits("w"), r.tag("notation")),
+        "tolerance": DEFAULT_TOLERANCE if tol is None else tol,
+        "size_mb": size / MIB if math.isfinite(size) else math.nan,
+        "compression_ratio": g.mean("compression_ratio"),
+        "bops": g.mean("bops"),
+        "wall_time_s": g.mean("wall_time_s"),
+        "top5": g.mean("top5"),
+        "bit_audit_ok": (all(a == 1.0 for a in audit) if audit else None),
+        "suite_comment": next((x.tag("comment") for x in g.runs if x.tag("comment")), ""),
+        "method_comment": comments.get(r.tag("method"), ""),
+        "suite": r.experiment,
+        "group": r.group,
+        "status": "done" if not g.failed else ("failed" if not g.done else "partial"),
+        "run_ids": [x.run_id for x in ordered],
+        "seeds": [x.seed for x in ordered],
+        "errors": [x.tag("error") for x in ordered if x.status == "failed"],
+        "n_failed": len(g.failed),
+    }
+
+
+def _empty_run_fields() -> dict:
+    return {
+        "size_mb": math.nan, "compression_ratio": math.nan, "bops": math.nan, "wall_time_s": math.nan,
+        "top5": math.nan, "bit_audit_ok": None, "suite_comment": "", "suite": "", "group": "",
+        "status": "not run", "run_ids": [], "seeds": [], "errors": [], "n_failed": 0,
+        "tolerance": DEFAULT_TOLERANCE,
+    }
+
+
+def _reported_fields(rep: pd.Series | None) -> dict:
+    if rep is None:
+        return {"reported": math.nan, "reported_comment": "", "paper": "", "paper_cite": "", "paper_url": "",
+                "source": "", "variant": "", "reported_size_mb": math.nan,
+                "reported_compression_ratio": math.nan, "reported_rel_bops": math.nan}
+    return {"reported": rep["value"], "reported_comment": rep["comment"], "paper": rep["paper"],
+            "paper_cite": rep["paper_cite"], "paper_url": rep["paper_url"], "source": rep["source"],
+            "variant": rep["variant"], "reported_size_mb": rep["size_mb"],
+            "reported_compression_ratio": rep["compression_ratio"], "reported_rel_bops": rep["rel_bops"]}
+
+
+def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str] | None = None) -> pd.DataFrame:
+    """Join run groups with reported rows (see the module docstring); one DataFrame."""
+    comments = method_comments() if comments is None else comments
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[r.group].append(r)
+
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    for i, rep in reported.iterrows():
+        by_key[(rep["dataset"], rep["model"], rep["method"], int(rep["w_bits"]), int(rep["a_bits"]))].append(i)
+    matched: set[int] = set()
+    rows: list[dict] = []
+    for members in groups.values():
+        g = _Group(members)
+        base = _group_row(g, comments)
+        notation = g.first.tag("notation")
+        candidates = [
+            i for i in by_key.get((base["dataset"], base["model"], base["method"], base["w_bits"], base["a_bits"]), [])
+            if METRICS[reported.at[i, "metric"]][0] == base["task"] or reported.at[i, "task"] == base["task"]
+        ]
+        # an explicit notation on both sides (ter/ter vs 2/2) must agree
+        candidates = [i for i in candidates
+                      if not (notation and reported.at[i, "notation"] and reported.at[i, "notation"] != notation)]
+        for i in candidates or [None]:
+            rep = reported.loc[i] if i is not None else None
+            metric = rep["metric"] if rep is not None else PRIMARY_METRIC[base["task"]]
+            mean, std, n = g.stat(metric)
+            row = {**base, **_reported_fields(rep), "metric": metric, "metric_label": METRICS[metric][1],
+                   "reproduced": mean, "std": std, "n": n}
+            if rep is not None:
+                matched.add(i)
+                if rep["notation"] and not notation:
+                    row["aw"] = rep["notation"]
+            rows.append(row)
+
+    for i, rep in reported.iterrows():
+        if i in matched:
+            continue
+        rows.append({
+            **_empty_run_fields(), **_reported_fields(rep),
+            "section": SECTIONS[rep["task"]], "task": rep["task"], "dataset": rep["dataset"],
+            "method": rep["method"], "model": rep["model"], "w_bits": int(rep["w_bits"]),
+            "a_bits": int(rep["a_bits"]), "aw": aw_notation(rep["a_bits"], rep["w_bits"], rep["notation"]),
+            "metric": rep["metric"], "metric_label": METRICS[rep["metric"]][1],
+            "reproduced": math.nan, "std": math.nan, "n": 0,
+            "method_comment": comments.get(rep["method"], ""),
+        })
+
+    for row in rows:
+        rep, rp = row["reported"], row["reproduced"]
+        row["delta"] = rp - rep if math.isfinite(rep) and math.isfinite(rp) else math.nan
+        if math.isfinite(row["delta"]):
+            row["badge"] = _badge(row["delta"], row["tolerance"])
+        elif not math.isfinite(rep):
+            row["badge"] = "failed" if row["status"] == "failed" else "no-reported"
+        else:
+            row["badge"] = "failed" if row["status"] == "failed" else "not-run"
+        row["comment"] = _join_comment(row["reported_comment"], row["suite_comment"], row["method_comment"])
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if df.empty:
+        return df
+    order = {s: i for i, s in enumerate(SECTIONS.values())}
+    df = df.assign(
+        _s=df["section"].map(order), _fp=(df["method"] != "fp32").astype(int),
+        _w=-df["w_bits"].fillna(0).astype(float), _a=-df["a_bits"].fillna(0).astype(float),
+        _r=df["n"].eq(0).astype(int),
+    ).sort_values(["_s", "dataset", "model", "_fp", "method", "_w", "_a", "_r", "paper", "variant"], kind="stable")
+    df = df.drop(columns=["_s", "_fp", "_w", "_a", "_r"]).reset_index(drop=True)
+    df["n"] = df["n"].astype(int)
+    df["n_failed"] = df["n_failed"].astype(int)
+    return df
+
+
+def leaderboard_table(tracking_uri: str, reported: pd.DataFrame | None = None,
+                      runs: list[Run] | None = None) -> pd.DataFrame:
+    """The leaderboard of ``tracking_uri``'s runs joined with every reported number."""
+    runs = fetch_runs(tracking_uri, details=False) if runs is None else runs
+    reported = load_reported() if reported is None else reported
+    return build_table(runs, reported)
