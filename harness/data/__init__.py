@@ -17,7 +17,7 @@ from .base import DataBundle, TensorSplit
 DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
 
 # Modules that register datasets when imported (one file per family).
-_MODULES = ["digits"]
+_MODULES = ["digits", "mnist", "cifar", "imagenet"]
 
 
 def register_dataset(name: str):
