@@ -70,6 +70,7 @@ def list_cmd(what: str) -> None:
 
 # --- commands from other modules are added here (one line each) -----------------------
 from qbench.leaderboard.cli import leaderboard_cmd  # noqa: E402  (cheap: click only)
+
 cli.add_command(leaderboard_cmd)
 
 

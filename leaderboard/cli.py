@@ -8,13 +8,32 @@ import click
 
 
 @click.command("leaderboard")
-@click.option("--out", "out", default="qbench-out", show_default=True, type=click.Path(file_okay=False),
-              help="Output folder: the site goes to <out>/site/, exports to <out>/leaderboard.<format>.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db).")
-@click.option("--format", "fmt", type=click.Choice(["html", "md", "csv", "json"]), default="html", show_default=True,
-              help="html: the static site; md: EasyQuantization's README table; csv/json: every column.")
-@click.option("--output", "output", default=None, type=click.Path(dir_okay=False, allow_dash=True),
-              help="Where md/csv/json go ('-' for stdout; default <out>/leaderboard.<format>).")
+@click.option(
+    "--out",
+    "out",
+    default="qbench-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder: the site goes to <out>/site/, exports to <out>/leaderboard.<format>.",
+)
+@click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["html", "md", "csv", "json"]),
+    default="html",
+    show_default=True,
+    help="html: the static site; md: EasyQuantization's README table; csv/json: every column.",
+)
+@click.option(
+    "--output",
+    "output",
+    default=None,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Where md/csv/json go ('-' for stdout; default <out>/leaderboard.<format>).",
+)
 def leaderboard_cmd(out: str, tracking_uri: str | None, fmt: str, output: str | None) -> None:
     """Join the MLflow runs with the papers' reported numbers: a static site or an export."""
     from qbench.harness.tracking import default_uri

@@ -10,14 +10,28 @@ import pandas as pd
 
 from .table import SECTIONS
 
-MD_COLUMNS = ["Dataset", "Method", "Model", "A/W", "Reported", "Reproduced {metric}", "Δ", "Comment"]
+MD_COLUMNS = [
+    "Dataset",
+    "Method",
+    "Model",
+    "A/W",
+    "Reported",
+    "Reproduced {metric}",
+    "Δ",
+    "Comment",
+]
 
 
 def _md_cell(v: object) -> str:
     """Table-safe Markdown text: no pipes, no line breaks, no raw HTML."""
     s = " ".join(str(v).split())
-    return (s.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;").replace("<", "&lt;")
-            .replace(">", "&gt;")) or "-"
+    return (
+        s.replace("\\", "\\\\")
+        .replace("|", "\\|")
+        .replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+    ) or "-"
 
 
 def _finite(v: object) -> bool:
@@ -43,11 +57,25 @@ def to_markdown(table: pd.DataFrame) -> str:
             continue
         label = rows["metric_label"].iloc[0]
         header = [c.format(metric=label) for c in MD_COLUMNS]
-        out += [f"### {section}", "", " | ".join(header), "|".join(["--- "] + [":---:"] * (len(header) - 1))]
+        out += [
+            f"### {section}",
+            "",
+            " | ".join(header),
+            "|".join(["--- "] + [":---:"] * (len(header) - 1)),
+        ]
         for _, r in rows.iterrows():
             delta = f"{r['delta']:+.2f} ({r['badge']})" if _finite(r["delta"]) else "-"
             reported = f"{r['reported']:.2f}" if _finite(r["reported"]) else "-"
-            cells = [r["dataset"], r["method"], r["model"], r["aw"], reported, reproduced_text(r), delta, r["comment"]]
+            cells = [
+                r["dataset"],
+                r["method"],
+                r["model"],
+                r["aw"],
+                reported,
+                reproduced_text(r),
+                delta,
+                r["comment"],
+            ]
             out.append(" | ".join(_md_cell(c) for c in cells))
         out.append("")
     if not out:
@@ -57,8 +85,8 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def _flat(table: pd.DataFrame) -> pd.DataFrame:
     df = table.copy()
-    for col in ("run_ids", "seeds", "errors"):
-        df[col] = df[col].map(lambda v: " ".join(map(str, v)) if col != "errors" else " | ".join(map(str, v)))
+    for col, sep in (("run_ids", " "), ("seeds", " "), ("errors", " | ")):
+        df[col] = df[col].map(lambda v, sep=sep: sep.join(map(str, v)))
     return df
 
 
@@ -69,5 +97,10 @@ def to_csv(table: pd.DataFrame) -> str:
 def to_json(table: pd.DataFrame) -> str:
     records = []
     for rec in table.to_dict("records"):
-        records.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()})
+        records.append(
+            {
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in rec.items()
+            }
+        )
     return json.dumps(records, indent=2, default=str) + "\n"

@@ -78,7 +78,7 @@ def _local_sqlite_missing(uri: str) -> bool:
     """A default store that was never created holds no runs; do not create it by reading."""
     if not uri.startswith("sqlite:///"):
         return False
-    path = uri[len("sqlite:///"):]
+    path = uri[len("sqlite:///") :]
     return path not in ("", ":memory:") and not Path(path).exists()
 
 
@@ -99,28 +99,41 @@ def fetch_runs(tracking_uri: str, details: bool = True) -> list[Run]:
     from mlflow.entities import ViewType
 
     client = _client(tracking_uri)
-    experiments = {e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
+    experiments = {
+        e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    }
     if not experiments:
         return []
     found: list[Run] = []
     token = None
     while True:
         page = client.search_runs(
-            list(experiments), filter_string=f"tags.`{TAG}cell_id` != ''", run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=1000, order_by=["attributes.start_time ASC"], page_token=token,
+            list(experiments),
+            filter_string=f"tags.`{TAG}cell_id` != ''",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
         )
         for r in page:
             tags = dict(r.data.tags)
             status = tags.get(TAG + "status", "")
             if status not in STATUSES:
                 continue  # running (or unknown): not a result yet
-            found.append(Run(
-                run_id=r.info.run_id, experiment=experiments.get(r.info.experiment_id, ""),
-                experiment_id=r.info.experiment_id,
-                name=tags.get("mlflow.runName", r.info.run_name or ""), status=status, tags=tags,
-                params=dict(r.data.params), metrics=dict(r.data.metrics),
-                start_time=r.info.start_time, end_time=r.info.end_time,
-            ))
+            found.append(
+                Run(
+                    run_id=r.info.run_id,
+                    experiment=experiments.get(r.info.experiment_id, ""),
+                    experiment_id=r.info.experiment_id,
+                    name=tags.get("mlflow.runName", r.info.run_name or ""),
+                    status=status,
+                    tags=tags,
+                    params=dict(r.data.params),
+                    metrics=dict(r.data.metrics),
+                    start_time=r.info.start_time,
+                    end_time=r.info.end_time,
+                )
+            )
         token = page.token
         if not token:
             break
@@ -149,7 +162,9 @@ def group_key(run: Run, by_cell: dict[str, Run], _depth: int = 0) -> str:
     parent_id = run.tag("parent") or run.params.get("parent", "")
     if parent_id and parent_id != "None":
         parent = by_cell.get(parent_id)
-        cfg["parent"] = group_key(parent, by_cell, _depth + 1) if parent is not None and _depth < 50 else "?"
+        cfg["parent"] = (
+            group_key(parent, by_cell, _depth + 1) if parent is not None and _depth < 50 else "?"
+        )
     for k in ("dataset", "model", "method", "w_bits", "a_bits", "notation", "task"):
         cfg["tag:" + k] = run.tag(k)
     blob = json.dumps(cfg, sort_keys=True)

@@ -41,7 +41,11 @@ from .runs import Run, fetch_runs, run_url
 from .table import BADGES, MIB, PRIMARY_METRIC, SECTIONS, build_table
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-SCRIPT = (TEMPLATES / "leaderboard.js").read_text(encoding="utf-8") if (TEMPLATES / "leaderboard.js").exists() else ""
+SCRIPT = (
+    (TEMPLATES / "leaderboard.js").read_text(encoding="utf-8")
+    if (TEMPLATES / "leaderboard.js").exists()
+    else ""
+)
 
 
 # -- formatting (jinja filters) -----------------------------------------------------------
@@ -139,22 +143,39 @@ def slug(*parts: str) -> str:
 
 
 def _env() -> Environment:
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=fmt_num, sig=fmt_sig, signed=fmt_signed, si=fmt_si, duration=fmt_duration, bytes=fmt_bytes,
-                       sv=sort_value, href=safe_href)
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        num=fmt_num,
+        sig=fmt_sig,
+        signed=fmt_signed,
+        si=fmt_si,
+        duration=fmt_duration,
+        bytes=fmt_bytes,
+        sv=sort_value,
+        href=safe_href,
+    )
     env.globals.update(finite=_finite, badges=BADGES)
     return env
 
 
 def _csp(script: str) -> str:
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
-    return ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-            f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
+    return (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
+    )
 
 
 # -- page data ----------------------------------------------------------------------------
-def _rows(df: pd.DataFrame, run_pages: dict[str, str], model_pages: dict[tuple[str, str], str]) -> list[dict]:
+def _rows(
+    df: pd.DataFrame, run_pages: dict[str, str], model_pages: dict[tuple[str, str], str]
+) -> list[dict]:
     rows = []
     for rec in df.to_dict("records"):
         rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
@@ -164,9 +185,14 @@ def _rows(df: pd.DataFrame, run_pages: dict[str, str], model_pages: dict[tuple[s
         ]
         rec["model_page"] = model_pages.get((rec["dataset"], rec["model"]), "")
         rec["size_is_reported"] = rec["size_mb"] is None and rec["reported_size_mb"] is not None
-        rec["size_shown"] = rec["size_mb"] if rec["size_mb"] is not None else rec["reported_size_mb"]
-        rec["cr_shown"] = (rec["compression_ratio"] if rec["compression_ratio"] is not None
-                           else rec["reported_compression_ratio"])
+        rec["size_shown"] = (
+            rec["size_mb"] if rec["size_mb"] is not None else rec["reported_size_mb"]
+        )
+        rec["cr_shown"] = (
+            rec["compression_ratio"]
+            if rec["compression_ratio"] is not None
+            else rec["reported_compression_ratio"]
+        )
         rows.append(rec)
     return rows
 
@@ -183,27 +209,52 @@ def _pareto_plots(rows: list[dict], task: str) -> tuple[Markup, Markup]:
         size = r["size_mb"]
         if r["reproduced"] is not None:
             std = r["std"] if r["std"] is not None else math.nan
-            by_size.append(svg.Point(size if size is not None else math.nan, r["reproduced"], name, r["method"],
-                                     yerr=std))
+            by_size.append(
+                svg.Point(
+                    size if size is not None else math.nan,
+                    r["reproduced"],
+                    name,
+                    r["method"],
+                    yerr=std,
+                )
+            )
             if r["w_bits"] is not None:
                 by_bits.append(svg.Point(r["w_bits"], r["reproduced"], name, r["method"], yerr=std))
         key = (r["paper"], r["method"], r["aw"], r["variant"], r["reported"])
         if r["reported"] is not None and key not in seen_rep:
             seen_rep.add(key)
             rep_size = r["reported_size_mb"] if r["reported_size_mb"] is not None else size
-            by_size.append(svg.Point(rep_size if rep_size is not None else math.nan, r["reported"], name,
-                                     r["method"], hollow=True))
+            by_size.append(
+                svg.Point(
+                    rep_size if rep_size is not None else math.nan,
+                    r["reported"],
+                    name,
+                    r["method"],
+                    hollow=True,
+                )
+            )
             by_bits.append(svg.Point(r["w_bits"], r["reported"], name, r["method"], hollow=True))
-    size_plot = svg.scatter(by_size, f"{label} vs model size", "size (MB, log scale)", f"{label} (%)", "log10")
-    bits_plot = svg.scatter(by_bits, f"{label} vs weight bits", "weight bits (log scale)", f"{label} (%)", "log2")
+    size_plot = svg.scatter(
+        by_size, f"{label} vs model size", "size (MB, log scale)", f"{label} (%)", "log10"
+    )
+    bits_plot = svg.scatter(
+        by_bits, f"{label} vs weight bits", "weight bits (log scale)", f"{label} (%)", "log2"
+    )
     return size_plot, bits_plot
 
 
 def _curve_plots(run: Run) -> list[Markup]:
     c = run.curves
     plots = []
-    acc = {k: v for k, v in (("train", c.get("train_top1")), ("test", c.get("test_top1")),
-                             ("val", c.get("val_top1"))) if v}
+    acc = {
+        k: v
+        for k, v in (
+            ("train", c.get("train_top1")),
+            ("test", c.get("test_top1")),
+            ("val", c.get("val_top1")),
+        )
+        if v
+    }
     loss = {k: v for k, v in (("train", c.get("train_loss")), ("test", c.get("test_loss"))) if v}
     if acc:
         plots.append(svg.line_chart(acc, "accuracy per epoch", "epoch", "top-1 (%)"))
@@ -218,7 +269,11 @@ def _environment(env: Any) -> tuple[list[tuple[str, str]], list[str]]:
     if not isinstance(env, dict):
         return [], []
     pkgs = env.get("packages") or []
-    items = [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in env.items() if k != "packages"]
+    items = [
+        (str(k), v if isinstance(v, str) else json.dumps(v))
+        for k, v in env.items()
+        if k != "packages"
+    ]
     return items, [str(p) for p in pkgs] if isinstance(pkgs, list) else [str(pkgs)]
 
 
@@ -226,13 +281,25 @@ def _footprint(fp: Any) -> dict | None:
     if not isinstance(fp, dict):
         return None
     layers = [lay for lay in fp.get("layers") or [] if isinstance(lay, dict)]
-    return {"layers": layers, "total_bytes": fp.get("total_bytes"), "fp32_bytes": fp.get("fp32_bytes"),
-            "bops": fp.get("bops"), "audit_ok": fp.get("audit_ok"), "compression_ratio": fp.get("compression_ratio")}
+    return {
+        "layers": layers,
+        "total_bytes": fp.get("total_bytes"),
+        "fp32_bytes": fp.get("fp32_bytes"),
+        "bops": fp.get("bops"),
+        "audit_ok": fp.get("audit_ok"),
+        "compression_ratio": fp.get("compression_ratio"),
+    }
 
 
 # -- build --------------------------------------------------------------------------------
-def render_site(table: pd.DataFrame, runs: list[Run], site_dir: Path, tracking_uri: str = "",
-                methods: list[dict] | None = None, reported: pd.DataFrame | None = None) -> Path:
+def render_site(
+    table: pd.DataFrame,
+    runs: list[Run],
+    site_dir: Path,
+    tracking_uri: str = "",
+    methods: list[dict] | None = None,
+    reported: pd.DataFrame | None = None,
+) -> Path:
     """Write the pages of ``table`` (from :func:`~qbench.leaderboard.table.build_table`) and
     ``runs`` into ``site_dir``; returns the path of ``index.html``."""
     env = _env()
@@ -242,10 +309,19 @@ def render_site(table: pd.DataFrame, runs: list[Run], site_dir: Path, tracking_u
     methods = registered_methods() if methods is None else methods
     shown_uri = public_uri(tracking_uri)
     built = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    common = {"csp": _csp(SCRIPT), "script": Markup(SCRIPT), "tracking_uri": shown_uri, "built": built}
+    common = {
+        "csp": _csp(SCRIPT),
+        "script": Markup(SCRIPT),
+        "tracking_uri": shown_uri,
+        "built": built,
+    }
 
     run_pages = {r.run_id: f"runs/{slug(r.run_id)}.html" for r in runs}
-    pairs = sorted({(d, m) for d, m in zip(table["dataset"], table["model"], strict=False)}) if len(table) else []
+    pairs = (
+        sorted({(d, m) for d, m in zip(table["dataset"], table["model"], strict=False)})
+        if len(table)
+        else []
+    )
     model_pages = {p: f"models/{slug(*p)}.html" for p in pairs}
     rows = _rows(table, run_pages, model_pages)
 
@@ -265,33 +341,63 @@ def render_site(table: pd.DataFrame, runs: list[Run], site_dir: Path, tracking_u
         "reported": 0 if reported is None else len(reported),
     }
     models_nav = [{"dataset": d, "model": m, "page": p} for (d, m), p in model_pages.items()]
-    (site_dir / "index.html").write_text(env.get_template("index.html.j2").render(
-        **common, root="", sections=sections, filters=filters, counts=counts, models_nav=models_nav,
-    ), encoding="utf-8")
+    (site_dir / "index.html").write_text(
+        env.get_template("index.html.j2").render(
+            **common,
+            root="",
+            sections=sections,
+            filters=filters,
+            counts=counts,
+            models_nav=models_nav,
+        ),
+        encoding="utf-8",
+    )
 
     for (dataset, model), page in model_pages.items():
         mrows = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
         task = mrows[0]["task"] if mrows else "classification"
         size_plot, bits_plot = _pareto_plots(mrows, task)
-        (site_dir / page).write_text(env.get_template("model.html.j2").render(
-            **common, root="../", dataset=dataset, model=model, rows=mrows, section=SECTIONS[task],
-            size_plot=size_plot, bits_plot=bits_plot, models_nav=models_nav,
-        ), encoding="utf-8")
+        (site_dir / page).write_text(
+            env.get_template("model.html.j2").render(
+                **common,
+                root="../",
+                dataset=dataset,
+                model=model,
+                rows=mrows,
+                section=SECTIONS[task],
+                size_plot=size_plot,
+                bits_plot=bits_plot,
+                models_nav=models_nav,
+            ),
+            encoding="utf-8",
+        )
 
     by_cell = {(r.experiment, r.cell_id): r for r in runs}
     for run in runs:
         parent = by_cell.get((run.experiment, run.tag("parent")))
         env_items, packages = _environment(run.artifacts.get("environment.json"))
         config = run.artifacts.get("config.json")
-        (site_dir / run_pages[run.run_id]).write_text(env.get_template("run.html.j2").render(
-            **common, root="../", run=run, model_page=model_pages.get((run.tag("dataset"), run.tag("model")), ""),
-            parent_page=run_pages.get(parent.run_id, "") if parent else "", parent=parent,
-            config=json.dumps(config, indent=2, sort_keys=True) if config is not None else None,
-            params=sorted(run.params.items()), env_items=env_items, packages=packages,
-            footprint=_footprint(run.artifacts.get("footprint.json")), curves=_curve_plots(run),
-            metrics=sorted(run.metrics.items()), tags=sorted(run.tags.items()),
-            mlflow_url=run_url(tracking_uri, run), models_nav=models_nav,
-        ), encoding="utf-8")
+        (site_dir / run_pages[run.run_id]).write_text(
+            env.get_template("run.html.j2").render(
+                **common,
+                root="../",
+                run=run,
+                model_page=model_pages.get((run.tag("dataset"), run.tag("model")), ""),
+                parent_page=run_pages.get(parent.run_id, "") if parent else "",
+                parent=parent,
+                config=json.dumps(config, indent=2, sort_keys=True) if config is not None else None,
+                params=sorted(run.params.items()),
+                env_items=env_items,
+                packages=packages,
+                footprint=_footprint(run.artifacts.get("footprint.json")),
+                curves=_curve_plots(run),
+                metrics=sorted(run.metrics.items()),
+                tags=sorted(run.tags.items()),
+                mlflow_url=run_url(tracking_uri, run),
+                models_nav=models_nav,
+            ),
+            encoding="utf-8",
+        )
 
     rep_count: dict[str, int] = defaultdict(int)
     if reported is not None:
@@ -300,11 +406,24 @@ def render_site(table: pd.DataFrame, runs: list[Run], site_dir: Path, tracking_u
     run_count: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in runs:
         run_count[r.tag("method")][0 if r.status == "done" else 1] += 1
-    mrecs = [{**m, "reported_rows": rep_count.get(m["name"], 0), "done": run_count[m["name"]][0],
-              "failed": run_count[m["name"]][1]} for m in methods]
-    (site_dir / "methods.html").write_text(env.get_template("methods.html.j2").render(
-        **common, root="", methods=mrecs, models_nav=models_nav,
-    ), encoding="utf-8")
+    mrecs = [
+        {
+            **m,
+            "reported_rows": rep_count.get(m["name"], 0),
+            "done": run_count[m["name"]][0],
+            "failed": run_count[m["name"]][1],
+        }
+        for m in methods
+    ]
+    (site_dir / "methods.html").write_text(
+        env.get_template("methods.html.j2").render(
+            **common,
+            root="",
+            methods=mrecs,
+            models_nav=models_nav,
+        ),
+        encoding="utf-8",
+    )
     return site_dir / "index.html"
 
 

@@ -10,8 +10,18 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-           "#7f7f7f", "#bcbd22"]
+PALETTE = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#7f7f7f",
+    "#bcbd22",
+]
 W, H = 600, 300
 M_LEFT, M_RIGHT, M_TOP, M_BOTTOM = 58, 124, 30, 44
 
@@ -78,7 +88,9 @@ def _axis(values: list[float], scale: str, pad: float = 0.05) -> Axis:
         lo10, hi10 = math.log10(lo), math.log10(hi)
         span = max(hi10 - lo10, 0.2)
         lo10, hi10 = lo10 - span * pad, hi10 + span * pad
-        ticks = [m * 10.0**k for k in range(math.floor(lo10), math.ceil(hi10) + 1) for m in (1, 2, 5)]
+        ticks = [
+            m * 10.0**k for k in range(math.floor(lo10), math.ceil(hi10) + 1) for m in (1, 2, 5)
+        ]
         ticks = [t for t in ticks if lo10 <= math.log10(t) <= hi10]
         return Axis(10**lo10, 10**hi10, scale, ticks)
     span = (hi - lo) or (abs(hi) or 1.0)
@@ -91,24 +103,39 @@ class _Canvas:
         self.x, self.y = x, y
         self.pw, self.ph = W - M_LEFT - M_RIGHT, H - M_TOP - M_BOTTOM
         self.parts: list[str] = [
-            f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} {H}" width="{W}" '
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} {H}" '
+            f'width="{W}" '
             f'height="{H}" role="img" aria-label="{escape(label)}">',
             f'<text x="{W / 2}" y="18" text-anchor="middle" class="t">{escape(title)}</text>',
             f'<rect x="{M_LEFT}" y="{M_TOP}" width="{self.pw}" height="{self.ph}" class="plot"/>',
         ]
         for t in x.ticks:
             px = self.px(t)
-            self.parts.append(f'<line x1="{px:.1f}" y1="{M_TOP}" x2="{px:.1f}" y2="{M_TOP + self.ph}" class="g"/>')
-            self.parts.append(f'<text x="{px:.1f}" y="{M_TOP + self.ph + 14}" text-anchor="middle">'
-                              f"{escape(_fmt(t))}</text>")
+            self.parts.append(
+                f'<line x1="{px:.1f}" y1="{M_TOP}" x2="{px:.1f}" y2="{M_TOP + self.ph}" class="g"/>'
+            )
+            self.parts.append(
+                f'<text x="{px:.1f}" y="{M_TOP + self.ph + 14}" text-anchor="middle">'
+                f"{escape(_fmt(t))}</text>"
+            )
         for t in y.ticks:
             py = self.py(t)
-            self.parts.append(f'<line x1="{M_LEFT}" y1="{py:.1f}" x2="{M_LEFT + self.pw}" y2="{py:.1f}" class="g"/>')
-            self.parts.append(f'<text x="{M_LEFT - 5}" y="{py + 4:.1f}" text-anchor="end">{escape(_fmt(t))}</text>')
-        self.parts.append(f'<text x="{M_LEFT + self.pw / 2}" y="{H - 8}" text-anchor="middle" class="l">'
-                          f"{escape(xlabel)}</text>")
-        self.parts.append(f'<text transform="translate(14 {M_TOP + self.ph / 2}) rotate(-90)" '
-                          f'text-anchor="middle" class="l">{escape(ylabel)}</text>')
+            self.parts.append(
+                f'<line x1="{M_LEFT}" y1="{py:.1f}" x2="{M_LEFT + self.pw}" y2="{py:.1f}" '
+                'class="g"/>'
+            )
+            self.parts.append(
+                f'<text x="{M_LEFT - 5}" y="{py + 4:.1f}" text-anchor="end">'
+                f"{escape(_fmt(t))}</text>"
+            )
+        self.parts.append(
+            f'<text x="{M_LEFT + self.pw / 2}" y="{H - 8}" text-anchor="middle" class="l">'
+            f"{escape(xlabel)}</text>"
+        )
+        self.parts.append(
+            f'<text transform="translate(14 {M_TOP + self.ph / 2}) rotate(-90)" '
+            f'text-anchor="middle" class="l">{escape(ylabel)}</text>'
+        )
 
     def px(self, v: float) -> float:
         return M_LEFT + self.x.frac(v) * self.pw
@@ -126,8 +153,13 @@ class _Canvas:
             x = M_LEFT + self.pw + 14
             fill = "white" if hollow else color
             short = label if len(label) <= 16 else label[:15] + "\u2026"
-            self.parts.append(f'<circle cx="{x}" cy="{y - 4}" r="4" fill="{fill}" stroke="{color}"/>')
-            self.parts.append(f'<text x="{x + 8}" y="{y}" class="lg">{escape(short)}<title>{escape(label)}</title></text>')
+            self.parts.append(
+                f'<circle cx="{x}" cy="{y - 4}" r="4" fill="{fill}" stroke="{color}"/>'
+            )
+            self.parts.append(
+                f'<text x="{x + 8}" y="{y}" class="lg">{escape(short)}'
+                f"<title>{escape(label)}</title></text>"
+            )
 
     def done(self) -> Markup:
         return Markup("".join(self.parts) + "</svg>")
@@ -135,32 +167,51 @@ class _Canvas:
 
 def empty_chart(title: str, message: str) -> Markup:
     return Markup(
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} 60" width="{W}" height="60" '
-        f'role="img" aria-label="{escape(title)}"><text x="{W / 2}" y="20" text-anchor="middle" class="t">'
-        f'{escape(title)}</text><text x="{W / 2}" y="44" text-anchor="middle">{escape(message)}</text></svg>'
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} 60" width="{W}" '
+        f'height="60" role="img" aria-label="{escape(title)}">'
+        f'<text x="{W / 2}" y="20" text-anchor="middle" class="t">{escape(title)}</text>'
+        f'<text x="{W / 2}" y="44" text-anchor="middle">{escape(message)}</text></svg>'
     )
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-               ylog: bool = False) -> Markup:
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    ylog: bool = False,
+) -> Markup:
     """One polyline (with point markers) per named series of (x, y) points."""
-    series = {k: [(x, y) for x, y in v if math.isfinite(y) and (not ylog or y > 0)] for k, v in series.items()}
+    series = {
+        k: [(x, y) for x, y in v if math.isfinite(y) and (not ylog or y > 0)]
+        for k, v in series.items()
+    }
     series = {k: v for k, v in series.items() if v}
     if not series:
         return empty_chart(title, "no data logged")
     xs = [x for v in series.values() for x, _ in v]
     ys = [y for v in series.values() for _, y in v]
-    c = _Canvas(title, xlabel, ylabel, _axis(xs, "linear", pad=0.0), _axis(ys, "log10" if ylog else "linear"),
-                title)
+    c = _Canvas(
+        title,
+        xlabel,
+        ylabel,
+        _axis(xs, "linear", pad=0.0),
+        _axis(ys, "log10" if ylog else "linear"),
+        title,
+    )
     legend = []
     for i, (name, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         path = " ".join(f"{c.px(x):.1f},{c.py(y):.1f}" for x, y in pts)
-        c.add(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
-              f'data-series="{escape(name)}"/>')
+        c.add(
+            f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
+            f'data-series="{escape(name)}"/>'
+        )
         for x, y in pts:
-            c.add(f'<circle cx="{c.px(x):.1f}" cy="{c.py(y):.1f}" r="2.5" fill="{color}">'
-                  f"<title>{escape(name)}: {escape(_fmt(x))}, {escape(_fmt(y))}</title></circle>")
+            c.add(
+                f'<circle cx="{c.px(x):.1f}" cy="{c.py(y):.1f}" r="2.5" fill="{color}">'
+                f"<title>{escape(name)}: {escape(_fmt(x))}, {escape(_fmt(y))}</title></circle>"
+            )
         legend.append((name, color, False))
     c.legend(legend)
     return c.done()
@@ -187,15 +238,30 @@ class Point:
     yerr: float = math.nan
 
 
-def scatter(points: list[Point], title: str, xlabel: str, ylabel: str, xscale: str = "log10",
-            frontier: bool = True) -> Markup:
+def scatter(
+    points: list[Point],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xscale: str = "log10",
+    frontier: bool = True,
+) -> Markup:
     """A scatter plot with the Pareto frontier (lower x, higher y) of the filled points."""
-    points = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y) and (xscale == "linear" or p.x > 0)]
+    points = [
+        p
+        for p in points
+        if math.isfinite(p.x) and math.isfinite(p.y) and (xscale == "linear" or p.x > 0)
+    ]
     if not points:
         return empty_chart(title, "no points to plot")
-    ys = [p.y for p in points] + [p.y + p.yerr for p in points if math.isfinite(p.yerr)] + \
-         [p.y - p.yerr for p in points if math.isfinite(p.yerr)]
-    c = _Canvas(title, xlabel, ylabel, _axis([p.x for p in points], xscale), _axis(ys, "linear"), title)
+    ys = (
+        [p.y for p in points]
+        + [p.y + p.yerr for p in points if math.isfinite(p.yerr)]
+        + [p.y - p.yerr for p in points if math.isfinite(p.yerr)]
+    )
+    c = _Canvas(
+        title, xlabel, ylabel, _axis([p.x for p in points], xscale), _axis(ys, "linear"), title
+    )
     groups = list(dict.fromkeys(p.group for p in points))
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
     if frontier:
@@ -203,23 +269,31 @@ def scatter(points: list[Point], title: str, xlabel: str, ylabel: str, xscale: s
             front = pareto_front([(p.x, p.y) for p in points if p.hollow == hollow])
             if len(front) > 1:
                 steps = [front[0]]
-                for (x0, y0), (x1, y1) in zip(front, front[1:], strict=False):
+                for (_, y0), (x1, y1) in zip(front, front[1:], strict=False):
                     steps += [(x1, y0), (x1, y1)]
                 path = " ".join(f"{c.px(x):.1f},{c.py(y):.1f}" for x, y in steps)
                 kind = "reported" if hollow else "reproduced"
-                c.add(f'<polyline points="{path}" fill="none" stroke="#555" stroke-width="1.2"{dash} '
-                      f'class="front" data-front="{kind}"/>')
+                c.add(
+                    f'<polyline points="{path}" fill="none" stroke="#555" stroke-width="1.2"{dash} '
+                    f'class="front" data-front="{kind}"/>'
+                )
     for p in points:
         color = colors[p.group]
         x, y = c.px(p.x), c.py(p.y)
         if math.isfinite(p.yerr) and p.yerr > 0:
-            c.add(f'<line x1="{x:.1f}" y1="{c.py(p.y - p.yerr):.1f}" x2="{x:.1f}" y2="{c.py(p.y + p.yerr):.1f}" '
-                  f'stroke="{color}"/>')
+            c.add(
+                f'<line x1="{x:.1f}" y1="{c.py(p.y - p.yerr):.1f}" x2="{x:.1f}" '
+                f'y2="{c.py(p.y + p.yerr):.1f}" '
+                f'stroke="{color}"/>'
+            )
         fill = "white" if p.hollow else color
         kind = "reported" if p.hollow else "reproduced"
-        c.add(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="{color}" stroke-width="1.6" '
-              f'class="pt" data-kind="{kind}"><title>{escape(p.label)} ({kind}): {escape(_fmt(p.y))} at '
-              f"{escape(_fmt(p.x))}</title></circle>")
+        c.add(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="{color}" '
+            f'stroke-width="1.6" class="pt" data-kind="{kind}">'
+            f"<title>{escape(p.label)} ({kind}): {escape(_fmt(p.y))} at "
+            f"{escape(_fmt(p.x))}</title></circle>"
+        )
     legend = [(g, colors[g], False) for g in groups]
     if any(p.hollow for p in points):
         legend.append(("reported", "#555", True))

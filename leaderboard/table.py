@@ -29,7 +29,11 @@ from .reported import METRICS, load_reported
 from .runs import Run, fetch_runs
 
 DEFAULT_TOLERANCE = 0.5
-SECTIONS = {"classification": "Classification", "detection": "Detection", "segmentation": "Segmentation"}
+SECTIONS = {
+    "classification": "Classification",
+    "detection": "Detection",
+    "segmentation": "Segmentation",
+}
 PRIMARY_METRIC = {"classification": "top1", "detection": "box_ap", "segmentation": "mask_ap"}
 BADGES = {
     "within": "within tolerance",
@@ -42,13 +46,48 @@ BADGES = {
 MIB = 2**20  # the papers' "MB" (a ResNet-18 at 32 bits is 44.6 MB)
 
 COLUMNS = [
-    "section", "task", "dataset", "method", "model", "aw", "w_bits", "a_bits", "metric", "metric_label",
-    "reported", "reproduced", "std", "n", "n_failed", "delta", "badge", "tolerance",
-    "size_mb", "compression_ratio", "bops", "wall_time_s", "top5", "bit_audit_ok",
-    "comment", "reported_comment", "suite_comment", "method_comment",
-    "paper", "paper_cite", "paper_url", "source", "variant",
-    "reported_size_mb", "reported_compression_ratio", "reported_rel_bops",
-    "suite", "group", "status", "run_ids", "seeds", "errors",
+    "section",
+    "task",
+    "dataset",
+    "method",
+    "model",
+    "aw",
+    "w_bits",
+    "a_bits",
+    "metric",
+    "metric_label",
+    "reported",
+    "reproduced",
+    "std",
+    "n",
+    "n_failed",
+    "delta",
+    "badge",
+    "tolerance",
+    "size_mb",
+    "compression_ratio",
+    "bops",
+    "wall_time_s",
+    "top5",
+    "bit_audit_ok",
+    "comment",
+    "reported_comment",
+    "suite_comment",
+    "method_comment",
+    "paper",
+    "paper_cite",
+    "paper_url",
+    "source",
+    "variant",
+    "reported_size_mb",
+    "reported_compression_ratio",
+    "reported_rel_bops",
+    "suite",
+    "group",
+    "status",
+    "run_ids",
+    "seeds",
+    "errors",
 ]
 
 
@@ -97,7 +136,9 @@ class _Group:
         return [r for r in self.runs if r.status == "failed"]
 
     def stat(self, key: str) -> tuple[float, float, int]:
-        vals = [r.metrics[key] for r in self.done if key in r.metrics and math.isfinite(r.metrics[key])]
+        vals = [
+            r.metrics[key] for r in self.done if key in r.metrics and math.isfinite(r.metrics[key])
+        ]
         if not vals:
             return math.nan, math.nan, 0
         std = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
@@ -159,25 +200,55 @@ def _group_row(g: _Group, comments: dict[str, str]) -> dict:
 
 def _empty_run_fields() -> dict:
     return {
-        "size_mb": math.nan, "compression_ratio": math.nan, "bops": math.nan, "wall_time_s": math.nan,
-        "top5": math.nan, "bit_audit_ok": None, "suite_comment": "", "suite": "", "group": "",
-        "status": "not run", "run_ids": [], "seeds": [], "errors": [], "n_failed": 0,
+        "size_mb": math.nan,
+        "compression_ratio": math.nan,
+        "bops": math.nan,
+        "wall_time_s": math.nan,
+        "top5": math.nan,
+        "bit_audit_ok": None,
+        "suite_comment": "",
+        "suite": "",
+        "group": "",
+        "status": "not run",
+        "run_ids": [],
+        "seeds": [],
+        "errors": [],
+        "n_failed": 0,
         "tolerance": DEFAULT_TOLERANCE,
     }
 
 
 def _reported_fields(rep: pd.Series | None) -> dict:
     if rep is None:
-        return {"reported": math.nan, "reported_comment": "", "paper": "", "paper_cite": "", "paper_url": "",
-                "source": "", "variant": "", "reported_size_mb": math.nan,
-                "reported_compression_ratio": math.nan, "reported_rel_bops": math.nan}
-    return {"reported": rep["value"], "reported_comment": rep["comment"], "paper": rep["paper"],
-            "paper_cite": rep["paper_cite"], "paper_url": rep["paper_url"], "source": rep["source"],
-            "variant": rep["variant"], "reported_size_mb": rep["size_mb"],
-            "reported_compression_ratio": rep["compression_ratio"], "reported_rel_bops": rep["rel_bops"]}
+        return {
+            "reported": math.nan,
+            "reported_comment": "",
+            "paper": "",
+            "paper_cite": "",
+            "paper_url": "",
+            "source": "",
+            "variant": "",
+            "reported_size_mb": math.nan,
+            "reported_compression_ratio": math.nan,
+            "reported_rel_bops": math.nan,
+        }
+    return {
+        "reported": rep["value"],
+        "reported_comment": rep["comment"],
+        "paper": rep["paper"],
+        "paper_cite": rep["paper_cite"],
+        "paper_url": rep["paper_url"],
+        "source": rep["source"],
+        "variant": rep["variant"],
+        "reported_size_mb": rep["size_mb"],
+        "reported_compression_ratio": rep["compression_ratio"],
+        "reported_rel_bops": rep["rel_bops"],
+    }
 
 
-def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str] | None = None) -> pd.DataFrame:
+def build_table(
+    runs: list[Run], reported: pd.DataFrame, comments: dict[str, str] | None = None
+) -> pd.DataFrame:
     """Join run groups with reported rows (see the module docstring); one DataFrame."""
     comments = method_comments() if comments is None else comments
     groups: dict[str, list[Run]] = defaultdict(list)
@@ -186,7 +257,9 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
 
     by_key: dict[tuple, list[int]] = defaultdict(list)
     for i, rep in reported.iterrows():
-        by_key[(rep["dataset"], rep["model"], rep["method"], int(rep["w_bits"]), int(rep["a_bits"]))].append(i)
+        by_key[
+            (rep["dataset"], rep["model"], rep["method"], int(rep["w_bits"]), int(rep["a_bits"]))
+        ].append(i)
     matched: set[int] = set()
     rows: list[dict] = []
     for members in groups.values():
@@ -194,18 +267,34 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
         base = _group_row(g, comments)
         notation = g.first.tag("notation")
         candidates = [
-            i for i in by_key.get((base["dataset"], base["model"], base["method"], base["w_bits"], base["a_bits"]), [])
-            if METRICS[reported.at[i, "metric"]][0] == base["task"] or reported.at[i, "task"] == base["task"]
+            i
+            for i in by_key.get(
+                (base["dataset"], base["model"], base["method"], base["w_bits"], base["a_bits"]), []
+            )
+            if METRICS[reported.at[i, "metric"]][0] == base["task"]
+            or reported.at[i, "task"] == base["task"]
         ]
         # an explicit notation on both sides (ter/ter vs 2/2) must agree
-        candidates = [i for i in candidates
-                      if not (notation and reported.at[i, "notation"] and reported.at[i, "notation"] != notation)]
+        candidates = [
+            i
+            for i in candidates
+            if not (
+                notation and reported.at[i, "notation"] and reported.at[i, "notation"] != notation
+            )
+        ]
         for i in candidates or [None]:
             rep = reported.loc[i] if i is not None else None
             metric = rep["metric"] if rep is not None else PRIMARY_METRIC[base["task"]]
             mean, std, n = g.stat(metric)
-            row = {**base, **_reported_fields(rep), "metric": metric, "metric_label": METRICS[metric][1],
-                   "reproduced": mean, "std": std, "n": n}
+            row = {
+                **base,
+                **_reported_fields(rep),
+                "metric": metric,
+                "metric_label": METRICS[metric][1],
+                "reproduced": mean,
+                "std": std,
+                "n": n,
+            }
             if rep is not None:
                 matched.add(i)
                 if rep["notation"] and not notation:
@@ -215,15 +304,26 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
     for i, rep in reported.iterrows():
         if i in matched:
             continue
-        rows.append({
-            **_empty_run_fields(), **_reported_fields(rep),
-            "section": SECTIONS[rep["task"]], "task": rep["task"], "dataset": rep["dataset"],
-            "method": rep["method"], "model": rep["model"], "w_bits": int(rep["w_bits"]),
-            "a_bits": int(rep["a_bits"]), "aw": aw_notation(rep["a_bits"], rep["w_bits"], rep["notation"]),
-            "metric": rep["metric"], "metric_label": METRICS[rep["metric"]][1],
-            "reproduced": math.nan, "std": math.nan, "n": 0,
-            "method_comment": comments.get(rep["method"], ""),
-        })
+        rows.append(
+            {
+                **_empty_run_fields(),
+                **_reported_fields(rep),
+                "section": SECTIONS[rep["task"]],
+                "task": rep["task"],
+                "dataset": rep["dataset"],
+                "method": rep["method"],
+                "model": rep["model"],
+                "w_bits": int(rep["w_bits"]),
+                "a_bits": int(rep["a_bits"]),
+                "aw": aw_notation(rep["a_bits"], rep["w_bits"], rep["notation"]),
+                "metric": rep["metric"],
+                "metric_label": METRICS[rep["metric"]][1],
+                "reproduced": math.nan,
+                "std": math.nan,
+                "n": 0,
+                "method_comment": comments.get(rep["method"], ""),
+            }
+        )
 
     for row in rows:
         rep, rp = row["reported"], row["reproduced"]
@@ -234,25 +334,33 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
             row["badge"] = "failed" if row["status"] == "failed" else "no-reported"
         else:
             row["badge"] = "failed" if row["status"] == "failed" else "not-run"
-        row["comment"] = _join_comment(row["reported_comment"], row["suite_comment"], row["method_comment"])
+        row["comment"] = _join_comment(
+            row["reported_comment"], row["suite_comment"], row["method_comment"]
+        )
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
         return df
     order = {s: i for i, s in enumerate(SECTIONS.values())}
     df = df.assign(
-        _s=df["section"].map(order), _fp=(df["method"] != "fp32").astype(int),
-        _w=-df["w_bits"].fillna(0).astype(float), _a=-df["a_bits"].fillna(0).astype(float),
+        _s=df["section"].map(order),
+        _fp=(df["method"] != "fp32").astype(int),
+        _w=-df["w_bits"].fillna(0).astype(float),
+        _a=-df["a_bits"].fillna(0).astype(float),
         _r=df["n"].eq(0).astype(int),
-    ).sort_values(["_s", "dataset", "model", "_fp", "method", "_w", "_a", "_r", "paper", "variant"], kind="stable")
+    ).sort_values(
+        ["_s", "dataset", "model", "_fp", "method", "_w", "_a", "_r", "paper", "variant"],
+        kind="stable",
+    )
     df = df.drop(columns=["_s", "_fp", "_w", "_a", "_r"]).reset_index(drop=True)
     df["n"] = df["n"].astype(int)
     df["n_failed"] = df["n_failed"].astype(int)
     return df
 
 
-def leaderboard_table(tracking_uri: str, reported: pd.DataFrame | None = None,
-                      runs: list[Run] | None = None) -> pd.DataFrame:
+def leaderboard_table(
+    tracking_uri: str, reported: pd.DataFrame | None = None, runs: list[Run] | None = None
+) -> pd.DataFrame:
     """The leaderboard of ``tracking_uri``'s runs joined with every reported number."""
     runs = fetch_runs(tracking_uri, details=False) if runs is None else runs
     reported = load_reported() if reported is None else reported

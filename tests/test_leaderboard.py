@@ -1,0 +1,537 @@
+"""The leaderboard: MLflow runs (written here through MLflow's client in qbench's schema)
+joined with reported numbers; the static site, its escaping, the exports and the command.
+
+The runs' numbers here are inputs chosen to exercise the join (seed statistics, badges,
+failed seeds); the browser test (test_browser.py) builds the site from a real training."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from qbench.harness.cli import cli
+from qbench.leaderboard import build_site, build_table, leaderboard_table
+from qbench.leaderboard.export import to_csv, to_json, to_markdown
+from qbench.leaderboard.reported import load_reported
+from qbench.leaderboard.runs import fetch_runs
+from qbench.leaderboard.site import render_site
+
+XSS = "<script>alert(1)</script>"
+
+REPORTED = textwrap.dedent("""\
+    paper: {key: demo, title: "Demo paper", authors: "A. Author", venue: ICLR, year: 2020,
+            url: "javascript:alert(2)"}
+    rows:
+      - {dataset: digits, model: small_cnn, method: lsq, w_bits: 4, a_bits: 4, metric: top1,
+         value: 96.0, source: "Table 1"}
+      - {dataset: digits, model: small_cnn, method: fp32, w_bits: 32, a_bits: 32, metric: top1,
+         value: 99.0, source: "Table 1"}
+      - {dataset: cifar10, model: resnet20, method: apot, w_bits: 3, a_bits: 3, metric: top1,
+         value: 92.0, source: "Table 2", size_mb: 0.1}
+""")
+
+
+@functools.lru_cache(maxsize=1)
+def _empty_db() -> Path:
+    """An MLflow sqlite database with its schema created once per test session (creating the
+    schema takes seconds; copying the file takes milliseconds)."""
+    from mlflow.tracking import MlflowClient
+
+    path = Path(tempfile.mkdtemp(prefix="qbench-mlflow-template-")) / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def new_store_db(folder: Path) -> str:
+    """A fresh, empty MLflow sqlite store at ``folder/mlflow.db``; returns its URI."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(_empty_db(), folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+class Store:
+    """An MLflow sqlite store in a temp folder, written in qbench's tracking schema."""
+
+    def __init__(self, root: Path):
+        from mlflow.tracking import MlflowClient
+
+        self.root = root
+        self.uri = new_store_db(root)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.exps: dict[str, str] = {}
+
+    def run(
+        self,
+        method="lsq",
+        w=4,
+        a=4,
+        seed=0,
+        top1=None,
+        status="done",
+        suite="smoke",
+        dataset="digits",
+        model="small_cnn",
+        name=None,
+        comment="",
+        tolerance=0.5,
+        parent="",
+        extra_tags=None,
+        cell_id=None,
+        metrics=None,
+        epochs=3,
+    ) -> str:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if suite not in self.exps:
+            loc = (self.root / "mlartifacts" / suite).resolve().as_uri()
+            self.exps[suite] = self.client.create_experiment(suite, artifact_location=loc)
+        cid = cell_id or f"{dataset}-{model}-{method}-{w}-{a}-{seed}"
+        label = name or f"{dataset}/{model} {method} W{w}A{a} seed {seed}"
+        rid = self.client.create_run(self.exps[suite], run_name=label).info.run_id
+        tags = {
+            "qbench.cell_id": cid,
+            "qbench.suite": suite,
+            "qbench.method": method,
+            "qbench.model": model,
+            "qbench.dataset": dataset,
+            "qbench.w_bits": str(w),
+            "qbench.a_bits": str(a),
+            "qbench.seed": str(seed),
+            "qbench.code_version": "test",
+            "qbench.status": status,
+            "qbench.parent": parent,
+            "qbench.tolerance": str(tolerance),
+            "qbench.comment": comment,
+            **(extra_tags or {}),
+        }
+        config = {
+            "id": cid,
+            "suite": suite,
+            "dataset": dataset,
+            "dataset_options": {},
+            "model": model,
+            "model_options": {},
+            "method": method,
+            "options": {},
+            "w_bits": w,
+            "a_bits": a,
+            "seed": seed,
+            "recipe": {"epochs": epochs, "lr": 0.05},
+            "parent": parent or None,
+        }
+        params = {
+            "id": cid,
+            "suite": suite,
+            "dataset": dataset,
+            "dataset_options": "{}",
+            "model": model,
+            "model_options": "{}",
+            "method": method,
+            "options": "{}",
+            "w_bits": str(w),
+            "a_bits": str(a),
+            "seed": str(seed),
+            "recipe.epochs": str(epochs),
+            "recipe.lr": "0.05",
+            "parent": parent or "None",
+        }
+        self.client.log_batch(
+            rid,
+            params=[Param(k, v) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        self._json(rid, "config.json", config)
+        self._json(
+            rid, "environment.json", {"python": "3.11", "torch": "2.x", "packages": ["torch==2"]}
+        )
+        if status == "done":
+            for e in range(1, epochs + 1):
+                self.client.log_batch(
+                    rid,
+                    metrics=[
+                        Metric("train_loss", 1.0 / e, 0, e),
+                        Metric("train_top1", top1 - 3.0 / e, 0, e),
+                        Metric("test_top1", top1 - 2.0 / e, 0, e),
+                        Metric("lr", 0.05 / e, 0, e),
+                    ],
+                )
+            size = 10_000.0 * w / 32 + 400
+            final = {
+                "top1": top1,
+                "top5": 99.9,
+                "test_loss": 0.1,
+                "size_bytes": size,
+                "fp32_bytes": 10_400.0,
+                "compression_ratio": 10_400.0 / size,
+                "bops": 1e6 * w * a,
+                "wall_time_s": 3.0,
+                "bit_audit_ok": 1.0,
+                **(metrics or {}),
+            }
+            self.client.log_batch(
+                rid, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()]
+            )
+            self._json(
+                rid,
+                "footprint.json",
+                {
+                    "total_bytes": size,
+                    "fp32_bytes": 10_400.0,
+                    "bops": 1e6 * w * a,
+                    "audit_ok": True,
+                    "compression_ratio": 10_400.0 / size,
+                    "layers": [
+                        {
+                            "name": "features.0",
+                            "kind": "QuantConv2d",
+                            "w_bits": w,
+                            "a_bits": a,
+                            "params": 288,
+                            "bytes": 288 * w / 8 + 8,
+                            "macs": 18432,
+                            "bops": 18432 * w * a,
+                            "distinct_max": min(2**w, 16),
+                            "levels_allowed": 2**w,
+                        }
+                    ],
+                },
+            )
+        elif status == "failed":
+            self.client.set_tag(rid, "qbench.error", "RuntimeError: loss is NaN")
+        return rid
+
+    def _json(self, rid: str, name: str, obj) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(json.dumps(obj))
+            self.client.log_artifact(rid, str(p))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    s = Store(tmp_path_factory.mktemp("mlflow"))
+    for seed, v in enumerate([97.0, 97.5, 98.0]):
+        s.run("fp32", 32, 32, seed, v)
+    for seed, v in enumerate([96.0, 96.4]):
+        s.run(
+            "lsq",
+            4,
+            4,
+            seed,
+            v,
+            parent=f"digits-small_cnn-fp32-32-32-{seed}",
+            comment="suite says hi",
+        )
+    s.run(
+        "lsq",
+        4,
+        4,
+        2,
+        status="failed",
+        parent="digits-small_cnn-fp32-32-32-2",
+        comment="suite says hi",
+    )
+    s.run(
+        "lsq",
+        2,
+        2,
+        0,
+        80.0,
+        name=XSS,
+        comment=XSS,
+        extra_tags={"qbench.error": XSS},
+        parent="digits-small_cnn-fp32-32-32-0",
+    )
+    s.run("lsq", 3, 3, 0, 90.0, status="running")
+    return s
+
+
+@pytest.fixture(scope="module")
+def reported() -> pd.DataFrame:
+    return load_reported([("methods/reported/demo.yaml", REPORTED)])
+
+
+@pytest.fixture(scope="module")
+def table(store, reported) -> pd.DataFrame:
+    return leaderboard_table(store.uri, reported=reported)
+
+
+def _row(table, method, aw, dataset="digits"):
+    rows = table[(table["method"] == method) & (table["aw"] == aw) & (table["dataset"] == dataset)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def test_seeds_grouped_mean_std_n(table):
+    fp = _row(table, "fp32", "32/32")
+    assert fp["reproduced"] == pytest.approx(97.5)
+    assert fp["std"] == pytest.approx(0.5)  # sample std (ddof=1) of 97, 97.5, 98
+    assert fp["n"] == 3 and fp["n_failed"] == 0 and len(fp["run_ids"]) == 3
+    assert fp["seeds"] == ["0", "1", "2"]
+    lsq = _row(table, "lsq", "4/4")
+    assert lsq["reproduced"] == pytest.approx(96.2) and lsq["n"] == 2
+    assert lsq["n_failed"] == 1 and lsq["status"] == "partial"
+    assert lsq["errors"] == ["RuntimeError: loss is NaN"]
+    assert lsq["size_mb"] == pytest.approx((10_000 * 4 / 32 + 400) / 2**20)
+    assert lsq["bops"] == pytest.approx(16e6) and lsq["wall_time_s"] == pytest.approx(3.0)
+
+
+def test_reported_join_delta_and_badges(table):
+    lsq = _row(table, "lsq", "4/4")
+    assert lsq["reported"] == 96.0 and lsq["delta"] == pytest.approx(0.2)
+    assert lsq["badge"] == "within" and lsq["paper"] == "demo" and lsq["source"] == "Table 1"
+    fp = _row(table, "fp32", "32/32")
+    assert fp["delta"] == pytest.approx(-1.5) and fp["badge"] == "below"
+    two = _row(table, "lsq", "2/2")
+    assert math.isnan(two["reported"]) and two["badge"] == "no-reported"
+    apot = _row(table, "apot", "3/3", dataset="cifar10")  # reported, never run
+    assert apot["n"] == 0 and math.isnan(apot["reproduced"]) and apot["badge"] == "not-run"
+    assert apot["reported_size_mb"] == 0.1 and apot["run_ids"] == []
+
+
+def test_running_runs_are_not_results(table):
+    assert not ((table["method"] == "lsq") & (table["aw"] == "3/3")).any()
+
+
+def test_comment_joins_suite_and_method_comments(table):
+    from qbench.methods import METHODS
+
+    lsq = _row(table, "lsq", "4/4")
+    assert lsq["suite_comment"] == "suite says hi"
+    assert lsq["method_comment"] == METHODS.get("lsq").comment
+    assert lsq["comment"].startswith("suite says hi")
+
+
+def test_sections_and_order(table):
+    assert list(table["section"].unique()) == ["Classification"]
+    digits = table[table["dataset"] == "digits"]
+    assert (
+        digits["method"].iloc[0] == "fp32"
+    )  # the full-precision row first, as in EasyQuantization
+
+
+def test_tolerance_above_below_and_tasks(tmp_path):
+    s = Store(tmp_path)
+    s.run("lsq", 4, 4, 0, 97.0, tolerance=2.0)  # +1.0 vs 96.0: within a tolerance of 2
+    s.run("fp32", 32, 32, 0, 99.8)  # +0.8 vs 99.0 with the default 0.5: above
+    s.run("lsq", 2, 4, 0, 70.0)  # A/W = 4/2: activations first
+    s.run("lqnet", 2, 2, 0, 60.0, extra_tags={"qbench.notation": "ter/ter"})
+    s.run("fp32", 32, 32, 0, 0.0, dataset="coco", model="retinanet", metrics={"box_ap": 31.5})
+    s.run(
+        "fp32",
+        32,
+        32,
+        0,
+        0.0,
+        dataset="coco",
+        model="maskrcnn",
+        extra_tags={"qbench.task": "segmentation"},
+        metrics={"mask_ap": 30.1},
+    )
+    t = leaderboard_table(s.uri, reported=load_reported([("methods/reported/demo.yaml", REPORTED)]))
+    assert _row(t, "lsq", "4/4")["badge"] == "within" and _row(t, "lsq", "4/4")["tolerance"] == 2.0
+    assert _row(t, "fp32", "32/32")["badge"] == "above"
+    assert _row(t, "lsq", "4/2")["w_bits"] == 2 and _row(t, "lsq", "4/2")["a_bits"] == 4
+    assert _row(t, "lqnet", "ter/ter")["reproduced"] == 60.0
+    coco = t[t["dataset"] == "coco"].set_index("model")
+    assert (
+        coco.loc["retinanet", "section"] == "Detection"
+        and coco.loc["retinanet", "reproduced"] == 31.5
+    )
+    assert (
+        coco.loc["maskrcnn", "section"] == "Segmentation"
+        and coco.loc["maskrcnn", "reproduced"] == 30.1
+    )
+    assert list(t["section"].unique()) == ["Classification", "Detection", "Segmentation"]
+
+
+def test_rerun_newest_finished_run_wins(tmp_path):
+    s = Store(tmp_path)
+    s.run("lsq", 4, 4, 0, status="failed", cell_id="c1")
+    s.run("lsq", 4, 4, 0, 95.0, cell_id="c1")
+    s.run("lsq", 4, 4, 0, status="failed", cell_id="c1")  # a later failed attempt does not hide it
+    runs = fetch_runs(s.uri, details=False)
+    assert len(runs) == 1 and runs[0].status == "done"
+    t = build_table(runs, load_reported([]), comments={})
+    assert t.iloc[0]["n"] == 1 and t.iloc[0]["n_failed"] == 0 and t.iloc[0]["reproduced"] == 95.0
+
+
+def test_configurations_differing_by_recipe_or_parent_stay_apart(tmp_path):
+    s = Store(tmp_path)
+    s.run("fp32", 32, 32, 0, 97.0, cell_id="base0")
+    s.run("lsq", 4, 4, 0, 95.0, cell_id="a", parent="base0")
+    s.run("lsq", 4, 4, 0, 94.0, cell_id="b", parent="base0", epochs=5)  # another recipe
+    s.run("lsq", 3, 3, 0, 93.0, cell_id="c3", parent="a")
+    s.run("lsq", 3, 3, 0, 92.0, cell_id="d3", parent="base0")  # same recipe, other parent
+    t = build_table(fetch_runs(s.uri, details=False), load_reported([]), comments={})
+    assert sorted(t[t["aw"] == "4/4"]["reproduced"]) == [94.0, 95.0]
+    assert sorted(t[t["aw"] == "3/3"]["reproduced"]) == [92.0, 93.0]
+
+
+def test_missing_store_is_empty_and_not_created(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"
+    assert fetch_runs(uri) == []
+    assert not (tmp_path / "none").exists()
+    t = leaderboard_table(uri, reported=load_reported([("methods/reported/demo.yaml", REPORTED)]))
+    assert len(t) == 3 and t["n"].eq(0).all()
+
+
+def test_markdown_export_easyquantization_shape(table):
+    md = to_markdown(table)
+    lines = md.splitlines()
+    assert lines[0] == "### Classification"
+    header = [c.strip() for c in lines[2].split("|")]
+    assert header == [
+        "Dataset",
+        "Method",
+        "Model",
+        "A/W",
+        "Reported",
+        "Reproduced Top-1",
+        "Δ",
+        "Comment",
+    ]
+    assert lines[3].startswith("--- |:---:|")
+    row = next(ln for ln in lines if ln.startswith("digits | lsq | small_cnn | 4/4"))
+    assert "| 96.00 | 96.20 ± 0.28 (n=2) | +0.20 (within) |" in row
+    assert "| 92.00 | - | - |" in next(ln for ln in lines if "| apot |" in ln)
+    assert XSS not in md and "&lt;script&gt;" in md  # pasted into a README, it stays text
+
+
+def test_csv_and_json_exports(table):
+    import io
+
+    back = pd.read_csv(io.StringIO(to_csv(table)))
+    assert len(back) == len(table) and {"reported", "reproduced", "std", "n", "badge"} <= set(
+        back.columns
+    )
+    recs = json.loads(to_json(table))
+    lsq = next(r for r in recs if r["method"] == "lsq" and r["aw"] == "4/4")
+    assert lsq["n"] == 2 and len(lsq["run_ids"]) == 3 and lsq["reported"] == 96.0
+    assert next(r for r in recs if r["method"] == "apot")["reproduced"] is None
+
+
+@pytest.fixture(scope="module")
+def site(store, reported, table, tmp_path_factory) -> Path:
+    runs = fetch_runs(store.uri, details=True)
+    out = tmp_path_factory.mktemp("site")
+    render_site(table, runs, out, store.uri, reported=reported)
+    return out
+
+
+def _pages(site: Path) -> list[Path]:
+    return sorted(site.rglob("*.html"))
+
+
+def test_site_pages(site, table):
+    from qbench.methods import METHODS
+
+    index = (site / "index.html").read_text()
+    assert '<h2 id="classification">Classification</h2>' in index
+    assert index.count("<tr data-dataset=") == len(table)
+    for col in (
+        "Dataset",
+        "Method",
+        "Model",
+        "A/W",
+        "Reported",
+        "Reproduced",
+        "Δ",
+        "Size (MB)",
+        "Compr.",
+        "BOPs",
+        "Wall time",
+        "Comment",
+        "Runs",
+    ):
+        assert f">{col}<" in index, col
+    assert 'class="badge b-within"' in index and 'class="badge b-not-run"' in index
+    assert "96.20" in index and "± 0.28" in index and "(n=2)" in index
+    assert 'href="javascript:' not in index  # the reported file's javascript: url is no link
+
+    model_pages = list((site / "models").glob("*.html"))
+    assert len(model_pages) == 2  # digits/small_cnn and cifar10/resnet20
+    digits = next(p.read_text() for p in model_pages if "digits" in p.name)
+    assert digits.count("<svg") == 2
+    assert digits.count('data-kind="reproduced"') == 2 * 3  # 3 reproduced configurations per plot
+    assert 'data-kind="reported"' in digits and 'data-front="reproduced"' in digits
+
+    run_pages = list((site / "runs").glob("*.html"))
+    assert len(run_pages) == 7  # every done and failed run, not the running one
+    lsq = next(p.read_text() for p in run_pages if "lsq W4A4 seed 0" in p.read_text())
+    assert "features.0" in lsq and "QuantConv2d" in lsq and "accuracy per epoch" in lsq
+    assert "<polyline" in lsq and "&#34;recipe&#34;" in lsq and "torch==2" in lsq
+
+    methods = (site / "methods.html").read_text()
+    for name in METHODS.names():
+        assert f'data-method="{name}"' in methods
+
+
+def test_every_link_resolves_and_csp_matches_the_script(site):
+    for page in _pages(site):
+        html = page.read_text()
+        for href in re.findall(r'href="([^"]+)"', html):
+            if href.startswith(("http://", "https://")):
+                continue
+            assert (page.parent / href).resolve().exists(), (page.name, href)
+        scripts = re.findall(r"<script>(.*?)</script>", html, re.S)
+        assert len(scripts) == 1, page  # ours only
+        digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+        assert f"script-src 'sha256-{digest}'" in html.replace("&#39;", "'")
+        assert "src=" not in html.replace('"src=', "")  # nothing loaded from elsewhere
+
+
+def test_script_injection_renders_as_text(site):
+    """A run named, commented and failing with <script> shows the text and runs nothing."""
+    pages = _pages(site)
+    seen = 0
+    for page in pages:
+        html = page.read_text()
+        assert XSS not in html, page
+        assert "alert(1)" not in re.sub(r"&lt;script&gt;alert\(1\)&lt;/script&gt;", "", html), page
+        seen += "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert seen >= 2  # the index (comment) and the run page (name, comment, error) show it as text
+
+
+def test_build_site_end_to_end_and_cli(store, tmp_path):
+    index = build_site(store.uri, tmp_path)
+    assert index == tmp_path / "site" / "index.html" and index.exists()
+    assert len(list((tmp_path / "site" / "runs").glob("*.html"))) == 7
+    again = build_site(store.uri, tmp_path)  # a rebuild replaces the site, leaves no temp folders
+    assert again.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+    runner = CliRunner()
+    res = runner.invoke(
+        cli,
+        [
+            "leaderboard",
+            "--out",
+            str(tmp_path),
+            "--tracking-uri",
+            store.uri,
+            "--format",
+            "md",
+            "--output",
+            "-",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "Dataset | Method | Model | A/W | Reported | Reproduced Top-1" in res.output
+    assert "97.50 ± 0.50 (n=3)" in res.output
+    res = runner.invoke(
+        cli, ["leaderboard", "--out", str(tmp_path), "--tracking-uri", store.uri, "--format", "csv"]
+    )
+    assert res.exit_code == 0 and (tmp_path / "leaderboard.csv").exists()
+    res = runner.invoke(cli, ["leaderboard", "--out", str(tmp_path), "--tracking-uri", store.uri])
+    assert res.exit_code == 0 and "site/index.html" in res.output
