@@ -68,6 +68,94 @@ def list_cmd(what: str) -> None:
             click.echo(f"{name:18s} {doc[0] if doc else ''}")
 
 
+def _ctx(out: str, tracking_uri: str | None, data_root: str | None, force: bool = False):
+    from .runner import RunContext
+    from .tracking import default_uri
+
+    outp = Path(out)
+    return RunContext(out_dir=outp.resolve(), tracking_uri=tracking_uri or default_uri(outp),
+                      data_root=data_root, force=force)
+
+
+def _statuses(suite, ctx) -> dict:
+    """Cell id -> status read from the tracking store (an absent store: all pending)."""
+    if ctx.tracking_uri.startswith("sqlite:///") and not Path(ctx.tracking_uri[len("sqlite:///"):]).exists():
+        return {}
+    return {cid: rec for cid, rec in ctx.tracker().runs().items()}
+
+
+@cli.command()
+@click.argument("suite", required=False, type=click.Path(dir_okay=False))
+@out_option
+@tracking_option
+@click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Folder holding the datasets.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and run nothing.")
+@click.option("--force", is_flag=True, help="Rerun cells that already finished.")
+@click.option("--device", "devices", default=None,
+              help="Comma-separated devices (cpu, cuda:0, ...); default: every visible GPU, else the CPU.")
+@click.option("--no-leaderboard", is_flag=True, help="Do not rebuild the leaderboard site at the end.")
+def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderboard) -> None:
+    """Run SUITE (default: suites/smoke.yaml, the embedded digits suite)."""
+    from .suite import load_suite
+
+    s = load_suite(suite or DEFAULT_SUITE)  # validates everything before anything runs
+    ctx = _ctx(out, tracking_uri, data_root, force)
+    if dry_run:
+        status = _statuses(s, ctx)
+        click.echo(f"suite {s.name}: {len(s.cells)} cells (parents first)")
+        for c in s.cells:
+            rec = status.get(c.id)
+            st = rec.status if rec else "pending"
+            action = "skip (done)" if st == "done" and not force else "run"
+            parent = f" <- {c.parent}" if c.parent else ""
+            click.echo(f"  {c.id}  {action:11s} {c.label}  epochs={c.recipe['epochs'] if c.recipe['train'] else 0}{parent}")
+        return
+    from .executor import LocalExecutor
+    from .progress import Reporter
+    from .report import print_results
+
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(len(s.cells))
+    try:
+        results = LocalExecutor(devices.split(",") if devices else None).run(s.cells, ctx, reporter)
+    finally:
+        reporter.close()
+    print_results(s, results)
+    if not no_leaderboard:
+        from qbench.leaderboard.site import build_site
+
+        site = build_site(ctx.tracking_uri, ctx.out_dir)
+        click.echo(f"leaderboard: {site}")
+    click.echo(f"MLflow store: {ctx.tracking_uri}  (browse: mlflow ui --backend-store-uri {ctx.tracking_uri})")
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} cells failed:", err=True)
+        for r in failed:
+            click.echo(f"  {r.label}: {r.error}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("suite", type=click.Path(dir_okay=False))
+@out_option
+@tracking_option
+def show(suite, out, tracking_uri) -> None:
+    """Print SUITE's expanded grid with each cell's status from the tracking store."""
+    from .suite import load_suite
+
+    s = load_suite(suite)
+    ctx = _ctx(out, tracking_uri, None)
+    status = _statuses(s, ctx)
+    click.echo(f"suite {s.name}: {len(s.cells)} cells")
+    click.echo(f"  {'cell id':16s}  {'status':8s} {'dataset':10s} {'model':16s} {'method':10s} {'bits':6s} seed  top-1")
+    for c in s.cells:
+        rec = status.get(c.id)
+        st = rec.status if rec else "pending"
+        top1 = f"{rec.metrics['top1']:.2f}" if rec and "top1" in rec.metrics else ""
+        click.echo(f"  {c.id:16s}  {st:8s} {c.dataset:10s} {c.model:16s} {c.method:10s} {c.bits_label:6s} "
+                   f"{c.seed:4d}  {top1}")
+
+
 # --- commands from other modules are added here (one line each) -----------------------
 from qbench.leaderboard.cli import leaderboard_cmd  # noqa: E402  (cheap: click only)
 

@@ -1,0 +1,113 @@
+"""Executors decide where cells run; the runner decides what a cell does.
+
+An :class:`Executor` takes the plan (cells, parents first) and returns one
+:class:`CellResult` per cell, never raising for a failing cell. A child whose parent
+failed is recorded as failed without running. :class:`LocalExecutor` runs on this
+machine: in this process on the CPU or a single GPU, or one worker process per visible
+GPU. Ray and Slurm (submitit) executors implement the same interface.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from abc import ABC, abstractmethod
+
+import torch
+
+from .progress import Reporter
+from .runner import CellResult, RunContext, run_cell
+from .suite import Cell
+
+
+class Executor(ABC):
+    @abstractmethod
+    def run(self, cells: list[Cell], ctx: RunContext, reporter: Reporter) -> list[CellResult]:
+        """Run every cell (parents before children) and return their results."""
+
+
+def _blocked(cell: Cell, results: dict[str, CellResult]) -> CellResult | None:
+    if cell.parent and cell.parent in results and results[cell.parent].status == "failed":
+        return CellResult(cell.id, cell.label, "failed", error=f"parent cell {cell.parent} failed")
+    return None
+
+
+class LocalExecutor(Executor):
+    """The CPU, or one worker process per visible GPU (``devices``)."""
+
+    def __init__(self, devices: list[str] | None = None):
+        if devices is None:
+            n = torch.cuda.device_count()
+            devices = [f"cuda:{i}" for i in range(n)] or ["cpu"]
+        self.devices = devices
+
+    def run(self, cells: list[Cell], ctx: RunContext, reporter: Reporter) -> list[CellResult]:
+        runs = ctx.tracker().runs()
+        if len(self.devices) == 1:
+            ctx.device = self.devices[0]
+            results: dict[str, CellResult] = {}
+            for cell in cells:
+                reporter.cell_start(cell.label)
+                res = _blocked(cell, results) or run_cell(cell, ctx, runs, reporter.event)
+                results[cell.id] = res
+                reporter.cell_end(cell.label, res.status, res.error or _summary(res))
+            return [results[c.id] for c in cells]
+        return self._run_pool(cells, ctx, reporter, runs)
+
+    def _run_pool(self, cells, ctx, reporter, runs) -> list[CellResult]:
+        spawn = mp.get_context("spawn")
+        events = spawn.Queue()
+        results: dict[str, CellResult] = {}
+        pending = list(cells)
+        busy: dict[str, tuple] = {}  # device -> (process, cell)
+        while pending or busy:
+            for dev in self.devices:
+                if dev in busy or not pending:
+                    continue
+                ready = next((c for c in pending if not c.parent or c.parent in results
+                              or c.parent not in {x.id for x in cells}), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                blocked = _blocked(ready, results)
+                if blocked:
+                    results[ready.id] = blocked
+                    reporter.cell_end(ready.label, "failed", blocked.error)
+                    continue
+                reporter.cell_start(f"{ready.label} on {dev}")
+                p = spawn.Process(target=_worker, args=(ready, ctx, dev, events), daemon=True)
+                p.start()
+                busy[dev] = (p, ready)
+            try:
+                kind, payload = events.get(timeout=0.5)
+            except queue.Empty:
+                for dev, (p, cell) in list(busy.items()):
+                    if not p.is_alive() and cell.id not in results:
+                        results[cell.id] = CellResult(cell.id, cell.label, "failed",
+                                                      error=f"worker exited with code {p.exitcode}")
+                        reporter.cell_end(cell.label, "failed", results[cell.id].error)
+                        del busy[dev]
+                continue
+            if kind == "result":
+                res: CellResult = payload
+                results[res.cell_id] = res
+                dev = next(d for d, (_, c) in busy.items() if c.id == res.cell_id)
+                busy.pop(dev)[0].join()
+                reporter.cell_end(res.label, res.status, res.error or _summary(res))
+            else:
+                reporter.event(kind, **payload)
+        return [results[c.id] for c in cells]
+
+
+def _worker(cell: Cell, ctx: RunContext, device: str, events) -> None:
+    ctx.device = device
+    torch.cuda.set_device(torch.device(device))
+    res = run_cell(cell, ctx, None, lambda kind, **kw: events.put((kind, kw)))
+    events.put(("result", res))
+
+
+def _summary(res: CellResult) -> str:
+    m = res.metrics
+    if "top1" not in m:
+        return ""
+    return f"top-1 {m['top1']:.2f}%, {m.get('size_bytes', 0) / 1e3:.1f} kB, x{m.get('compression_ratio', 0):.1f}"

@@ -1,0 +1,377 @@
+"""Suite files: validation of the whole file, then expansion into cells.
+
+A suite declares a grid (dataset x model x method x bit-widths x seeds) with training
+recipes settable at any level (``defaults`` < experiment < method entry < per-bits) and
+overridable below. :func:`load_suite` validates everything before anything runs: unknown
+keys, unknown datasets/models/methods (with a did-you-mean), bit-widths outside 1..32 or
+unsupported by the method, non-positive epochs, method options, missing files. Each error
+is one :class:`QbenchError` naming the file and the key path.
+
+:func:`expand` turns a suite into cells, parents first: the full-precision baseline of a
+dataset/model, then methods initialised from it, and progressive chains (APoT trains
+4 bits from 5, 3 from 4, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from .errors import QbenchError
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class Recipe(BaseModel):
+    """How a cell trains (or calibrates) and evaluates."""
+
+    model_config = _STRICT
+    train: bool = True  # false: no training phase (post-training quantization, evaluation)
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 512
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.1
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5e-4
+    wd_on: Literal["weights", "all"] = "weights"
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    milestones: list[PositiveInt] = []
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: NonNegativeInt = 0
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    calib_batches: NonNegativeInt = 4
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile on CUDA
+    grad_clip: PositiveFloat | None = None
+
+
+_BITS = re.compile(r"^W(\d+)A(\d+)$")
+
+
+class Bits(BaseModel):
+    model_config = _STRICT
+    w: int
+    a: int
+
+    @property
+    def label(self) -> str:
+        return f"W{self.w}A{self.a}"
+
+
+def parse_bits(value: Any) -> Bits:
+    if isinstance(value, str):
+        m = _BITS.match(value.strip().upper())
+        if not m:
+            raise ValueError(f"bit-width {value!r} is not of the form W<bits>A<bits> (e.g. W4A4, W2A32)")
+        w, a = int(m.group(1)), int(m.group(2))
+    elif isinstance(value, dict):
+        w, a = value.get("w"), value.get("a")
+        if not isinstance(w, int) or not isinstance(a, int) or set(value) - {"w", "a"}:
+            raise ValueError(f"bit-width {value!r} must be W<bits>A<bits> or {{w: int, a: int}}")
+    else:
+        raise ValueError(f"bit-width {value!r} must be W<bits>A<bits> (e.g. W4A4)")
+    for role, b in (("weight", w), ("activation", a)):
+        if not 1 <= b <= 32:
+            raise ValueError(f"{role} bits {b} out of range 1..32 in {value!r}")
+    return Bits(w=w, a=a)
+
+
+class MethodEntry(BaseModel):
+    model_config = _STRICT
+    method: str
+    bits: list[Any] = Field(min_length=1)
+    options: dict[str, Any] = {}
+    recipe: dict[str, Any] = {}
+    bit_recipes: dict[str, dict[str, Any]] = {}
+    init: Literal["baseline", "scratch", "progressive"] | None = None
+    seeds: list[int] | None = None
+    comment: str = ""
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[Any]) -> list[Bits]:
+        return [parse_bits(b) for b in v]
+
+
+class Baseline(BaseModel):
+    model_config = _STRICT
+    recipe: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    comment: str = ""
+
+
+class Experiment(BaseModel):
+    model_config = _STRICT
+    dataset: str | list[str]
+    model: str | list[str]
+    dataset_options: dict[str, Any] = {}
+    model_options: dict[str, Any] = {}
+    recipe: dict[str, Any] = {}
+    seeds: list[int] | None = None
+    comment: str = ""
+    baseline: Baseline = Baseline()
+    methods: list[MethodEntry] = []
+
+
+class Defaults(BaseModel):
+    model_config = _STRICT
+    seeds: list[int] = Field([0], min_length=1)
+    recipe: dict[str, Any] = {}
+    dataset_options: dict[str, Any] = {}
+    model_options: dict[str, Any] = {}
+
+
+class SuiteFile(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    tolerance: NonNegativeFloat = 0.5
+    defaults: Defaults = Defaults()
+    experiments: list[Experiment] = Field(min_length=1)
+
+
+# -- cells -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a fully resolved (dataset, model, method, bits, seed, recipe)."""
+
+    suite: str
+    dataset: str
+    model: str
+    method: str
+    w_bits: int
+    a_bits: int
+    seed: int
+    recipe: dict
+    dataset_options: dict = field(default_factory=dict)
+    model_options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    parent: str | None = None
+    parent_method: str | None = None
+    comment: str = ""
+    tolerance: float = 0.5
+
+    def identity(self) -> dict:
+        """Everything that determines the result (not the suite name or comments)."""
+        return {
+            "dataset": self.dataset,
+            "dataset_options": self.dataset_options,
+            "model": self.model,
+            "model_options": self.model_options,
+            "method": self.method,
+            "options": self.options,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "seed": self.seed,
+            "recipe": self.recipe,
+            "parent": self.parent,
+        }
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def bits_label(self) -> str:
+        return "FP32" if self.method == "fp32" else f"W{self.w_bits}A{self.a_bits}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}/{self.model} {self.method} {self.bits_label} seed {self.seed}"
+
+    def config(self) -> dict:
+        return {"id": self.id, "suite": self.suite, **self.identity(), "parent_method": self.parent_method,
+                "comment": self.comment, "tolerance": self.tolerance}
+
+
+@dataclass
+class Suite:
+    path: Path
+    spec: SuiteFile
+    cells: list[Cell]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _loc(parts: tuple) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _recipe(partial: dict, where: str) -> None:
+    """Validate a partial recipe; the error names the key inside it."""
+    try:
+        Recipe(**partial)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise QbenchError(f"{err['msg']} (got {err.get('input')!r})", f"{where}.{_loc(err['loc'])}") from None
+    except TypeError as e:
+        raise QbenchError(str(e), where) from None
+
+
+_FILE_KEYS = {"weights", "checkpoint", "path", "file", "init_checkpoint"}
+
+
+def _check_files(opts: dict, base: Path, where: str) -> dict:
+    """Option values that name files must exist; relative paths are taken from the suite's folder."""
+    out = dict(opts)
+    for k, v in opts.items():
+        if (k in _FILE_KEYS or k.endswith("_file")) and isinstance(v, str) and ("/" in v or "." in v):
+            p = Path(v).expanduser()
+            p = p if p.is_absolute() else (base / p)
+            if not p.exists():
+                raise QbenchError(f"file not found: {p}", f"{where}.{k}")
+            out[k] = str(p.resolve())
+    return out
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read, validate and expand a suite file. Raises QbenchError naming file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise QbenchError("suite file not found", str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise QbenchError(f"not valid YAML{line}: {getattr(e, 'problem', e)}", str(path)) from None
+    if not isinstance(raw, dict):
+        raise QbenchError("a suite must be a mapping with name, experiments, ...", str(path))
+    try:
+        spec = SuiteFile.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        raise QbenchError(msg, f"{path}: {_loc(err['loc'])}") from None
+    cells = expand(spec, path)
+    return Suite(path=path, spec=spec, cells=cells)
+
+
+def _merge(*dicts: dict) -> dict:
+    out: dict = {}
+    for d in dicts:
+        out.update(d)
+    return out
+
+
+def _as_list(v: str | list[str]) -> list[str]:
+    return [v] if isinstance(v, str) else list(v)
+
+
+def expand(spec: SuiteFile, path: Path) -> list[Cell]:
+    """Validate names, options and recipes against the registries and build the cells,
+    parents before children, each cell once."""
+    from qbench.methods import get_method
+
+    from .data import DATASETS
+    from .models import MODELS
+
+    f = str(path)
+    base = path.resolve().parent
+    _recipe(spec.defaults.recipe, f"{f}: defaults.recipe")
+    cells: dict[str, Cell] = {}
+
+    def add(cell: Cell) -> Cell:
+        cells.setdefault(cell.id, cell)
+        return cell
+
+    for i, exp in enumerate(spec.experiments):
+        ew = f"{f}: experiments[{i}]"
+        _recipe(exp.recipe, f"{ew}.recipe")
+        _recipe(exp.baseline.recipe, f"{ew}.baseline.recipe")
+        datasets, models = _as_list(exp.dataset), _as_list(exp.model)
+        for d in datasets:
+            DATASETS.get(d, f"{ew}.dataset")
+        for m in models:
+            MODELS.get(m, f"{ew}.model")
+        dopts = _check_files(_merge(spec.defaults.dataset_options, exp.dataset_options), base, f"{ew}.dataset_options")
+        mopts = _check_files(_merge(spec.defaults.model_options, exp.model_options), base, f"{ew}.model_options")
+        entries = []
+        for j, entry in enumerate(exp.methods):
+            mw = f"{ew}.methods[{j}]"
+            cls = get_method(entry.method, f"{mw}.method")
+            _recipe(entry.recipe, f"{mw}.recipe")
+            labels = {b.label for b in entry.bits}
+            for k, b in enumerate(entry.bits):
+                if b.w not in cls.weight_bits or b.a not in cls.act_bits:
+                    raise QbenchError(
+                        f"{entry.method} does not support {b.label} (weights {min(cls.weight_bits)}..{max(cls.weight_bits)}, "
+                        f"activations {min(cls.act_bits)}..{max(cls.act_bits)} bits)",
+                        f"{mw}.bits[{k}]",
+                    )
+            for label, partial in entry.bit_recipes.items():
+                if label not in labels:
+                    raise QbenchError(f"{label!r} is not one of this entry's bits {sorted(labels)}", f"{mw}.bit_recipes")
+                _recipe(partial, f"{mw}.bit_recipes.{label}")
+            try:
+                cls.Options(**entry.options)
+            except ValidationError as e:
+                err = e.errors()[0]
+                msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+                raise QbenchError(msg, f"{mw}.options.{_loc(err['loc'])}") from None
+            opts = _check_files(entry.options, base, f"{mw}.options")
+            entries.append((entry, cls, opts))
+        for d in datasets:
+            for m in models:
+                seeds = exp.seeds or spec.defaults.seeds
+                common = dict(suite=spec.name, dataset=d, model=m, dataset_options=dopts, model_options=mopts,
+                              tolerance=spec.tolerance)
+                baselines = {}
+                for s in seeds:
+                    r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, exp.baseline.recipe)).model_dump()
+                    baselines[s] = add(Cell(method="fp32", w_bits=32, a_bits=32, seed=s, recipe=r,
+                                            options=exp.baseline.options,
+                                            comment=exp.baseline.comment or exp.comment, **common))
+                for entry, cls, opts in entries:
+                    init = entry.init or ("scratch" if cls.init == "scratch" else "baseline")
+                    for s in entry.seeds or seeds:
+                        prev: Cell | None = baselines.get(s)
+                        if prev is None:  # entry-specific seed: its own baseline
+                            r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, exp.baseline.recipe)).model_dump()
+                            prev = add(Cell(method="fp32", w_bits=32, a_bits=32, seed=s, recipe=r,
+                                            options=exp.baseline.options, **common))
+                        for b in entry.bits:
+                            r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, entry.recipe,
+                                                entry.bit_recipes.get(b.label, {}))).model_dump()
+                            parent = None if init == "scratch" else prev
+                            cell = add(Cell(
+                                method=entry.method, w_bits=b.w, a_bits=b.a, seed=s, recipe=r, options=opts,
+                                parent=parent.id if parent else None,
+                                parent_method=parent.method if parent else None,
+                                comment="; ".join(c for c in (exp.comment, entry.comment) if c), **common,
+                            ))
+                            if init == "progressive":
+                                prev = cell
+    return list(cells.values())

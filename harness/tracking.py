@@ -1,0 +1,211 @@
+"""MLflow, the system of record: experiment = suite, run = cell.
+
+Default store: a SQLite database in the output folder (``sqlite:///<out>/mlflow.db``,
+artifacts in ``<out>/mlartifacts``); ``--tracking-uri`` points at a team's server.
+Browse with ``mlflow ui --backend-store-uri sqlite:///qbench-out/mlflow.db``.
+
+Schema (the leaderboard reads exactly this): tags ``qbench.cell_id``, ``qbench.suite``,
+``qbench.method``, ``qbench.model``, ``qbench.dataset``, ``qbench.w_bits``, ``qbench.a_bits``,
+``qbench.seed``, ``qbench.code_version``, ``qbench.status`` (running|done|failed),
+``qbench.error``, ``qbench.parent``, ``qbench.tolerance``, ``qbench.comment``; params: the
+flattened resolved cell; metrics: see :mod:`qbench.harness.runner`; artifacts
+``config.json``, ``environment.json``, ``footprint.json``, ``checkpoint/model.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+TAG = "qbench."
+STATUS = TAG + "status"
+CELL_ID = TAG + "cell_id"
+
+
+def default_uri(out_dir: str | Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def code_version() -> str:
+    """The git commit of the checkout qbench runs from (``-dirty`` with local changes),
+    else the installed package version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from . import __version__
+
+        return __version__
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_count": os.cpu_count(),
+        "code_version": code_version(),
+    }
+    env["packages"] = sorted(f"{d.metadata['Name']}=={d.version}" for d in md.distributions() if d.metadata["Name"])
+    return env
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    cell_id: str
+    status: str  # done | failed | running
+    metrics: dict
+    tags: dict
+    start_time: int | None = None
+    end_time: int | None = None
+
+
+class Tracker:
+    """A thin layer over MlflowClient with qbench's schema."""
+
+    def __init__(self, uri: str, artifact_root: Path | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.artifact_root = artifact_root
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def experiment_id(self, suite: str) -> str:
+        exp = self.client.get_experiment_by_name(suite)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        loc = None
+        if self.artifact_root is not None:
+            self.artifact_root.mkdir(parents=True, exist_ok=True)
+            loc = (self.artifact_root / suite).resolve().as_uri()
+        return self.client.create_experiment(suite, artifact_location=loc)
+
+    def runs(self) -> dict[str, RunRecord]:
+        """The newest run of every cell in the store (all experiments), keyed by cell id."""
+        from mlflow.entities import ViewType
+
+        exps = [e.experiment_id for e in self.client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        out: dict[str, RunRecord] = {}
+        if not exps:
+            return out
+        token = None
+        while True:
+            page = self.client.search_runs(exps, filter_string=f"tags.`{CELL_ID}` != ''", max_results=5000,
+                                           order_by=["attributes.start_time ASC"], page_token=token)
+            for r in page:
+                cid = r.data.tags.get(CELL_ID)
+                rec = RunRecord(r.info.run_id, cid, r.data.tags.get(STATUS, "running"), dict(r.data.metrics),
+                                dict(r.data.tags), r.info.start_time, r.info.end_time)
+                prev = out.get(cid)
+                # a finished run wins over a newer unfinished one
+                if prev is None or not (prev.status == "done" and rec.status != "done"):
+                    out[cid] = rec
+            token = page.token
+            if not token:
+                break
+        return out
+
+    def start(self, cell, resume_run_id: str | None = None) -> str:
+        """Create the run of ``cell`` (or reopen ``resume_run_id``) and log its identity."""
+        if resume_run_id:
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.client.set_tag(resume_run_id, STATUS, "running")
+            return resume_run_id
+        from mlflow.entities import Param, RunTag
+
+        run = self.client.create_run(self.experiment_id(cell.suite), run_name=cell.label)
+        rid = run.info.run_id
+        tags = {
+            CELL_ID: cell.id,
+            TAG + "suite": cell.suite,
+            TAG + "method": cell.method,
+            TAG + "model": cell.model,
+            TAG + "dataset": cell.dataset,
+            TAG + "w_bits": str(cell.w_bits),
+            TAG + "a_bits": str(cell.a_bits),
+            TAG + "seed": str(cell.seed),
+            TAG + "code_version": code_version(),
+            TAG + "parent": cell.parent or "",
+            TAG + "tolerance": str(cell.tolerance),
+            TAG + "comment": cell.comment,
+            STATUS: "running",
+        }
+        params = flatten({k: v for k, v in cell.config().items() if k not in ("comment",)})
+        self.client.log_batch(
+            rid,
+            params=[Param(k, v[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        self.log_json(rid, "config.json", cell.config())
+        self.log_json(rid, "environment.json", environment())
+        return rid
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        )
+
+    def log_json(self, run_id: str, name: str, obj: Any) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(json.dumps(obj, indent=2, default=str))
+            self.client.log_artifact(run_id, str(p))
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def finish(self, run_id: str, status: str, error: str = "") -> None:
+        self.set_tags(run_id, {STATUS: status, TAG + "error": error[:4000]})
+        self.client.set_terminated(run_id, status="FINISHED" if status == "done" else "FAILED")
+
+    def delete(self, run_id: str) -> None:
+        self.client.delete_run(run_id)
+
+    def download(self, run_id: str, path: str, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))

@@ -1,0 +1,159 @@
+"""The one training/evaluation loop every method uses.
+
+SGD (momentum, Nesterov), Adam and AdamW; cosine (with linear warm-up), step, one-cycle
+and constant schedules stepped per iteration; weight decay on conv/linear weights only by
+default (none on BatchNorm, biases and quantizer parameters such as step sizes and
+clipping levels), or on everything; bf16 autocast and channels_last on CUDA; optional
+torch.compile; deterministic seeding. Methods plug in through ``extra_loss``,
+``param_groups`` and ``on_step``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def default_param_groups(model: nn.Module, weight_decay: float, wd_on: str) -> list[dict]:
+    """Decay conv/linear weights only (``wd_on='weights'``) or every parameter (``'all'``)."""
+    from qbench.methods.modules import Quantizer
+
+    quant_params = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    decay, no_decay = [], []
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_weight = isinstance(m, (nn.Conv2d, nn.Linear)) and name == "weight"
+            if wd_on == "all" or (is_weight and id(p) not in quant_params):
+                decay.append(p)
+            else:
+                no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(groups: list[dict], r: dict) -> torch.optim.Optimizer:
+    if r["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=r["lr"], momentum=r["momentum"], nesterov=r["nesterov"] and r["momentum"] > 0)
+    if r["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=r["lr"])
+    return torch.optim.AdamW(groups, lr=r["lr"])
+
+
+def make_scheduler(opt: torch.optim.Optimizer, r: dict, steps_per_epoch: int):
+    total = max(1, r["epochs"] * steps_per_epoch)
+    warm = r["warmup_epochs"] * steps_per_epoch
+    if r["schedule"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if r["schedule"] == "cosine":
+            t = (step - warm) / max(1, total - warm)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+        if r["schedule"] == "step":
+            epoch = step // steps_per_epoch
+            return r["gamma"] ** sum(epoch >= m for m in r["milestones"])
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    loss: float
+    n: int
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, r: dict, device: torch.device) -> EvalResult:
+    model.eval()
+    correct1 = torch.zeros((), device=device)
+    correct5 = torch.zeros((), device=device)
+    loss = torch.zeros((), device=device, dtype=torch.float64)
+    n = 0
+    cl = r["channels_last"] and device.type == "cuda"
+    for x, y in split.batches(r["eval_batch_size"], train=False, device=device, channels_last=cl):
+        with autocast(device, r["amp"]):
+            out = model(x)
+        out = out.float()
+        loss += F.cross_entropy(out, y, reduction="sum").double()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        correct1 += (top[:, 0] == y).sum()
+        correct5 += (top == y[:, None]).any(dim=1).sum()
+        n += y.shape[0]
+    return EvalResult(100.0 * correct1.item() / n, 100.0 * correct5.item() / n, loss.item() / n, n)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_epoch(
+    model: nn.Module,
+    split,
+    opt: torch.optim.Optimizer,
+    sched,
+    r: dict,
+    device: torch.device,
+    generator: torch.Generator,
+    extra_loss: Callable[[nn.Module], torch.Tensor | None],
+    on_step: Callable[[nn.Module, int], None],
+    step0: int,
+    forward: nn.Module | None = None,
+) -> tuple[float, float, int]:
+    """One pass over ``split``; returns (mean loss, top-1 %, steps). Raises NonFiniteLoss."""
+    model.train()
+    fwd = forward or model
+    cl = r["channels_last"] and device.type == "cuda"
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device)
+    n, step = 0, step0
+    for x, y in split.batches(r["batch_size"], train=True, device=device, generator=generator,
+                              channels_last=cl, drop_last=True):
+        with autocast(device, r["amp"]):
+            out = fwd(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=r["label_smoothing"])
+            extra = extra_loss(model)
+            total = loss + extra if extra is not None else loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if r["grad_clip"]:
+            nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
+        opt.step()
+        sched.step()
+        step += 1
+        on_step(model, step)
+        loss_sum += loss.detach().double() * y.shape[0]
+        correct += (out.detach().argmax(1) == y).sum()
+        n += y.shape[0]
+    mean = loss_sum.item() / max(1, n)
+    if not math.isfinite(mean):
+        raise NonFiniteLoss(f"training loss is {mean} (not finite)")
+    return mean, 100.0 * correct.item() / max(1, n), step - step0
