@@ -21,7 +21,7 @@ from ..registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
-_MODULES = ["small_cnn", "cifar_resnet"]
+_MODULES = ["small_cnn", "cifar_resnet", "lenet", "vgg", "resnet", "mobilenet", "preact_resnet"]
 
 
 def register_model(name: str):
