@@ -173,7 +173,11 @@ def project(x: torch.Tensor, levels: torch.Tensor, tie_up: torch.Tensor) -> torc
     """Nearest level of the sorted ``levels`` for every element of ``x`` (float32, any
     memory layout). Distances are the official ``|x - level|`` of the two neighbours."""
     perm = None
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         perm = (0, 2, 3, 1)  # work on the dense NHWC view, return the same layout
         x = x.permute(perm)
     k = torch.searchsorted(levels, x).clamp_(1, levels.numel() - 1)
@@ -200,7 +204,9 @@ class _APoTFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, levels, tie_up, signed, n_uniform, clip_x_grad, lower_grad, grad_scale):
+    def forward(
+        ctx, x, alpha, levels, tie_up, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
+    ):
         dtype = x.dtype
         u = x.float() / alpha.float()
         c = u.clamp(-1.0, 1.0) if signed else u.clamp(0.0, 1.0)
@@ -253,8 +259,9 @@ def apot_quantize(
     grad_scale: float | None = None,
 ) -> torch.Tensor:
     """Functional form of the quantizer (see :class:`_APoTFunction`)."""
-    return _APoTFunction.apply(x, alpha, levels, tie_up, signed, n_uniform, clip_x_grad, lower_grad,
-                               grad_scale)
+    return _APoTFunction.apply(
+        x, alpha, levels, tie_up, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
+    )
 
 
 # --- quantizer modules --------------------------------------------------------------------
@@ -291,8 +298,13 @@ class APoTQuantizer(Quantizer):
         # non-persistent: they follow .to(device) but are a function of (kind, bits), so
         # checkpoints stay small and official state_dicts load
         self.register_buffer("levels", levels, persistent=False)
-        self.register_buffer("tie_up", _tie_up(kind, B, levels) if not self.n_uniform
-                             else torch.zeros(len(levels) - 1, dtype=torch.bool), persistent=False)
+        self.register_buffer(
+            "tie_up",
+            _tie_up(kind, B, levels)
+            if not self.n_uniform
+            else torch.zeros(len(levels) - 1, dtype=torch.bool),
+            persistent=False,
+        )
         w_init, a_init = ALPHA_INIT[variant]
         init = alpha_init if alpha_init is not None else (w_init if role == "weight" else a_init)
         self.alpha = nn.Parameter(torch.tensor(float(init)))
@@ -306,12 +318,24 @@ class APoTQuantizer(Quantizer):
                 mean, std = x.mean(), x.std()
             x = (x - mean) / std
             return apot_quantize(
-                x, self.alpha, self.levels, self.tie_up, signed=True, n_uniform=self.n_uniform,
-                clip_x_grad=not (self.calibrated or self.variant == "cifar"), grad_scale=self.grad_scale,
+                x,
+                self.alpha,
+                self.levels,
+                self.tie_up,
+                signed=True,
+                n_uniform=self.n_uniform,
+                clip_x_grad=not (self.calibrated or self.variant == "cifar"),
+                grad_scale=self.grad_scale,
             )
         return apot_quantize(
-            x, self.alpha, self.levels, self.tie_up, signed=False, n_uniform=self.n_uniform,
-            lower_grad=self.variant == "imagenet", grad_scale=self.grad_scale,
+            x,
+            self.alpha,
+            self.levels,
+            self.tie_up,
+            signed=False,
+            n_uniform=self.n_uniform,
+            lower_grad=self.variant == "imagenet",
+            grad_scale=self.grad_scale,
         )
 
     def max_levels(self) -> int:
@@ -371,7 +395,10 @@ class APoTOptions(BaseModel):
 class APoT(Method):
     name = "apot"
     paper = Paper(
-        title="Additive Powers-of-Two Quantization: An Efficient Non-uniform Discretization for Neural Networks",
+        title=(
+            "Additive Powers-of-Two Quantization: An Efficient Non-uniform Discretization "
+            "for Neural Networks"
+        ),
         authors="Li, Dong, Wang",
         venue="ICLR",
         year=2020,
@@ -405,12 +432,19 @@ class APoT(Method):
         policy = "fp" if o.first_last == "official" else o.first_last
         ends = first_last_layers(model)
         model = quantize_model(
-            model, lambda m, n, b: self._weight_q(b), lambda m, n, b: self._act_q(b),
-            self.w_bits, self.a_bits, first_last=policy, first_last_names=ends,
+            model,
+            lambda m, n, b: self._weight_q(b),
+            lambda m, n, b: self._act_q(b),
+            self.w_bits,
+            self.a_bits,
+            first_last=policy,
+            first_last_names=ends,
         )
         if o.first_last == "official":
             for name in ends:
-                _set_submodule(model, name, _wrap(model.get_submodule(name), MaxScaled8bit(), Identity()))
+                _set_submodule(
+                    model, name, _wrap(model.get_submodule(name), MaxScaled8bit(), Identity())
+                )
         return model
 
     def param_groups(self, model: nn.Module, recipe: dict) -> list[dict] | None:
@@ -468,20 +502,28 @@ def import_checkpoint(obj: dict, model: nn.Module, where: str | Path | None = No
 
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise QbenchError("not an APoT checkpoint: expected a dict with a 'state_dict' of tensors",
-                          str(where) if where else None)
+        raise QbenchError(
+            "not an APoT checkpoint: expected a dict with a 'state_dict' of tensors",
+            str(where) if where else None,
+        )
     mapped = official_to_qbench(state)
     own = model.state_dict()
     # qbench's own bookkeeping (the quantizers' ``initialized`` flags) is not in the file
     missing = [k for k in own if k not in mapped and not k.endswith(".initialized")]
     unexpected = [k for k in mapped if k not in own]
     if missing or unexpected:
+
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "") if keys else "none"
+
         raise QbenchError(
-            f"checkpoint does not fit the model: missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''} (wrong model or bits?)",
+            f"checkpoint does not fit the model: missing {few(missing)}; unexpected "
+            f"{few(unexpected)} (wrong model or bits?)",
             str(where) if where else None,
         )
     bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise QbenchError(f"shape mismatch for {bad[:4]} (wrong model?)", str(where) if where else None)
+        raise QbenchError(
+            f"shape mismatch for {bad[:4]} (wrong model?)", str(where) if where else None
+        )
     model.load_state_dict(mapped, strict=False)

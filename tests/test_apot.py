@@ -11,8 +11,7 @@ from fractions import Fraction as F
 
 import pytest
 import torch
-from torch import nn
-
+from pydantic import ValidationError
 from qbench.harness.errors import QbenchError
 from qbench.harness.models import create_model
 from qbench.methods import get_method
@@ -25,6 +24,7 @@ from qbench.methods.apot import (
     official_to_qbench,
     project,
 )
+from torch import nn
 
 
 def _normalised(fracs: list[F]) -> list[float]:
@@ -42,7 +42,16 @@ def test_apot_levels_2_3_4_bits_are_the_official_sums():
     # B=3: p0 in {0, 1/2, 1/4, 1/16}, p1 in {0, 1/8}; largest 5/8
     sums3 = sorted({a + b for a in (F(0), F(1, 2), F(1, 4), F(1, 16)) for b in (F(0), F(1, 8))})
     assert level_set("apot", 3).tolist() == _normalised(sums3)
-    assert [round(x, 6) for x in level_set("apot", 3).tolist()] == [0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
+    assert [round(x, 6) for x in level_set("apot", 3).tolist()] == [
+        0,
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.6,
+        0.8,
+        1.0,
+    ]
     # B=4: p0 in {0, 1/2, 1/8, 1/32}, p1 in {0, 1/4, 1/16, 1/64}; largest 3/4
     p0, p1 = (F(0), F(1, 2), F(1, 8), F(1, 32)), (F(0), F(1, 4), F(1, 16), F(1, 64))
     sums4 = sorted({a + b for a in p0 for b in p1})
@@ -150,8 +159,9 @@ def test_two_bit_weights_use_the_calibrated_gradient():
         x = torch.tensor([-2.5, -0.7, -0.4, 0.0, 0.49, 0.51, 3.0])
         w = x.clone().requires_grad_(True)
         # feed pre-normalised values through the function the module uses
-        out = apot_quantize(w, q.alpha, q.levels, q.tie_up, signed=True, n_uniform=q.n_uniform,
-                            clip_x_grad=False)
+        out = apot_quantize(
+            w, q.alpha, q.levels, q.tie_up, signed=True, n_uniform=q.n_uniform, clip_x_grad=False
+        )
         assert out.tolist() == [-1.0, -1.0, -0.0, 0.0, 0.0, 1.0, 1.0]
         out.sum().backward()
         assert w.grad.tolist() == [1.0] * 7
@@ -233,20 +243,25 @@ def test_method_registered_and_prepares_resnet20():
 
 
 def test_options_rejected():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         APoT(4, 4, levels="nope")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         APoT(4, 4, grad_scale=-1)
 
 
 def test_official_key_mapping_and_import_errors():
-    mapped = official_to_qbench({
-        "module.layer1.0.conv1.act_alpha": torch.tensor(1.0),
-        "module.layer1.0.conv1.weight_quant.wgt_alpha": torch.tensor(2.0),
-        "module.fc.weight": torch.zeros(1),
-    })
-    assert set(mapped) == {"layer1.0.conv1.act_quantizer.alpha", "layer1.0.conv1.weight_quantizer.alpha",
-                           "fc.weight"}
+    mapped = official_to_qbench(
+        {
+            "module.layer1.0.conv1.act_alpha": torch.tensor(1.0),
+            "module.layer1.0.conv1.weight_quant.wgt_alpha": torch.tensor(2.0),
+            "module.fc.weight": torch.zeros(1),
+        }
+    )
+    assert set(mapped) == {
+        "layer1.0.conv1.act_quantizer.alpha",
+        "layer1.0.conv1.weight_quantizer.alpha",
+        "fc.weight",
+    }
     from qbench.methods.apot import import_checkpoint
 
     model = APoT(4, 4).prepare(create_model("resnet20", num_classes=10))
@@ -259,7 +274,9 @@ def test_official_key_mapping_and_import_errors():
 def test_trains_a_few_steps_on_cpu():
     torch.manual_seed(0)
     model = APoT(3, 3).prepare(create_model("resnet20", num_classes=10))
-    opt = torch.optim.SGD(APoT(3, 3).param_groups(model, {"weight_decay": 1e-4}), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(
+        APoT(3, 3).param_groups(model, {"weight_decay": 1e-4}), lr=0.01, momentum=0.9
+    )
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     a0 = model.layer1[0].conv1.act_quantizer.alpha.item()
     for _ in range(3):
