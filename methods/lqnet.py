@@ -157,8 +157,8 @@ class LQNet(Method):
         "ridge on the activations' QEM too; QEM also on calibration batches; "
         "fine-tuned from the FP32 baseline; ternary = one basis, codes {-1,0,1}/{0,1,2}"
     )
-    weight_bits = tuple(range(1, 9))
-    act_bits = tuple(range(1, 9))
+    weight_bits = (*range(1, 9), 32)
+    act_bits = (*range(1, 9), 32)
     Options = LQNetOptions
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
