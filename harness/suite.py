@@ -14,6 +14,7 @@ dataset/model, then methods initialised from it, and progressive chains (APoT tr
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -225,12 +226,20 @@ def _loc(parts: tuple) -> str:
     return out
 
 
+def _unknown_key(key: str) -> str:
+    known = {f for m in (SuiteFile, Defaults, Experiment, Baseline, MethodEntry, Recipe) for f in m.model_fields}
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
 def _recipe(partial: dict, where: str) -> None:
     """Validate a partial recipe; the error names the key inside it."""
     try:
         Recipe(**partial)
     except ValidationError as e:
         err = e.errors()[0]
+        if err["type"] == "extra_forbidden":
+            raise QbenchError(_unknown_key(str(err["loc"][-1])), f"{where}.{_loc(err['loc'])}") from None
         raise QbenchError(f"{err['msg']} (got {err.get('input')!r})", f"{where}.{_loc(err['loc'])}") from None
     except TypeError as e:
         raise QbenchError(str(e), where) from None
@@ -268,10 +277,11 @@ def load_suite(path: str | Path) -> Suite:
     try:
         spec = SuiteFile.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")  # unknown keys first
+        err = errs[0]
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = _unknown_key(str(err["loc"][-1]))
         elif err["type"] == "missing":
             msg = "required key is missing"
         raise QbenchError(msg, f"{path}: {_loc(err['loc'])}") from None
