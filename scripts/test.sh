@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a fresh machine and run the test suite: a virtualenv with qbench and its test
+# extras, Debian's chromium for the leaderboard's browser tests, then pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/test_suite.py -x`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing Debian's chromium for the browser tests"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: /usr/bin/chromium is missing (apt-get install chromium); the browser tests will be skipped"
+  fi
+fi
+exec .venv/bin/python -m pytest "$@"
