@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
@@ -188,8 +188,10 @@ def load_details(client, run: Run) -> None:
             continue
         by_step: dict[int, float] = {}
         for m in sorted(hist, key=lambda m: (m.step, m.timestamp)):
-            by_step[int(m.step)] = float(m.value)  # a resumed epoch logs again: keep the last
-        run.curves[key] = sorted(by_step.items())
+            if m.step >= 1:  # epochs count from 1; step 0 holds final metrics (test_loss)
+                by_step[int(m.step)] = float(m.value)  # a resumed epoch logs again: keep the last
+        if by_step:
+            run.curves[key] = sorted(by_step.items())
     with tempfile.TemporaryDirectory() as tmp:
         for name in ARTIFACTS:
             try:
@@ -199,8 +201,20 @@ def load_details(client, run: Run) -> None:
                 continue
 
 
+def public_uri(uri: str) -> str:
+    """A tracking URI without credentials (``https://user:token@host`` -> ``https://host``)."""
+    p = urlparse(uri)
+    if p.username or p.password:
+        host = p.hostname or ""
+        if p.port:
+            host += f":{p.port}"
+        return urlunparse(p._replace(netloc=host))
+    return uri
+
+
 def run_url(tracking_uri: str, run: Run) -> str | None:
     """The run's page on an MLflow server, when the store is one (http/https)."""
     if urlparse(tracking_uri).scheme not in ("http", "https"):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    base = public_uri(tracking_uri).rstrip("/")
+    return f"{base}/#/experiments/{run.experiment_id}/runs/{run.run_id}"

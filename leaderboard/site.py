@@ -28,7 +28,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -37,7 +37,7 @@ from markupsafe import Markup
 from . import svg
 from .methods_info import registered_methods
 from .reported import load_reported
-from .runs import Run, fetch_runs, run_url
+from .runs import Run, fetch_runs, public_uri, run_url
 from .table import BADGES, MIB, PRIMARY_METRIC, SECTIONS, build_table
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -122,17 +122,6 @@ def safe_href(url: Any) -> str:
     """Only http(s) links become links (no ``javascript:`` from a reported file)."""
     url = str(url or "").strip()
     return url if urlparse(url).scheme in ("http", "https") else ""
-
-
-def public_uri(uri: str) -> str:
-    """A tracking URI without credentials (``https://user:token@host`` -> ``https://host``)."""
-    p = urlparse(uri)
-    if p.username or p.password:
-        host = p.hostname or ""
-        if p.port:
-            host += f":{p.port}"
-        return urlunparse(p._replace(netloc=host))
-    return uri
 
 
 def slug(*parts: str) -> str:

@@ -47,11 +47,9 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
     start = math.floor(lo / step) * step
-    ticks = []
-    t = start
-    while t <= hi + step * 0.5 and len(ticks) < 50:
-        ticks.append(round(t, 12))
-        t += step
+    ticks = [round(start, 12)]
+    while ticks[-1] < hi - step * 1e-9 and len(ticks) < 50:  # the last tick covers hi
+        ticks.append(round(start + len(ticks) * step, 12))
     return ticks
 
 
@@ -180,8 +178,10 @@ def line_chart(
     xlabel: str,
     ylabel: str,
     ylog: bool = False,
+    integer_x: bool = True,
 ) -> Markup:
-    """One polyline (with point markers) per named series of (x, y) points."""
+    """One polyline (with point markers) per named series of (x, y) points; ``integer_x``:
+    the x axis counts something (epochs), so its ticks are whole numbers."""
     series = {
         k: [(x, y) for x, y in v if math.isfinite(y) and (not ylog or y > 0)]
         for k, v in series.items()
@@ -191,14 +191,13 @@ def line_chart(
         return empty_chart(title, "no data logged")
     xs = [x for v in series.values() for x, _ in v]
     ys = [y for v in series.values() for _, y in v]
-    c = _Canvas(
-        title,
-        xlabel,
-        ylabel,
-        _axis(xs, "linear", pad=0.0),
-        _axis(ys, "log10" if ylog else "linear"),
-        title,
-    )
+    xaxis = _axis(xs, "linear", pad=0.0)
+    if integer_x:
+        lo, hi = math.floor(min(xs)), math.ceil(max(xs))
+        hi = max(hi, lo + 1)
+        step = max(1, math.ceil((hi - lo) / 8))
+        xaxis = Axis(lo, hi, "linear", list(range(lo, hi + 1, step)))
+    c = _Canvas(title, xlabel, ylabel, xaxis, _axis(ys, "log10" if ylog else "linear"), title)
     legend = []
     for i, (name, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]

@@ -535,3 +535,29 @@ def test_build_site_end_to_end_and_cli(store, tmp_path):
     assert res.exit_code == 0 and (tmp_path / "leaderboard.csv").exists()
     res = runner.invoke(cli, ["leaderboard", "--out", str(tmp_path), "--tracking-uri", store.uri])
     assert res.exit_code == 0 and "site/index.html" in res.output
+
+
+def test_empty_store_and_no_reported_numbers_still_build(tmp_path):
+    empty = build_table([], load_reported([]), comments={})
+    assert empty.empty
+    index = render_site(
+        empty, [], tmp_path / "site", "sqlite:///nowhere.db", reported=load_reported([])
+    )
+    html = index.read_text()
+    assert "No runs and no reported numbers yet." in html
+    assert (tmp_path / "site" / "methods.html").exists()
+    assert to_markdown(empty) == "No runs and no reported numbers.\n"
+    assert json.loads(to_json(empty)) == []
+
+
+def test_tracking_uri_credentials_are_not_published(store, reported, tmp_path):
+    runs = fetch_runs(store.uri, details=False)
+    table = build_table(runs, reported, comments={})
+    uri = "https://alice:s3cret@mlflow.example.org:5000"
+    render_site(table, runs, tmp_path, uri, methods=[], reported=reported)
+    for page in _pages(tmp_path):
+        html = page.read_text()
+        assert "s3cret" not in html and "alice" not in html
+    assert "https://mlflow.example.org:5000/#/experiments/" in next(
+        p.read_text() for p in (tmp_path / "runs").glob("*.html")
+    )
