@@ -101,16 +101,12 @@ def test_initialized_flag_survives_state_dict_round_trip():
 # --- PACT / DoReFa modules ---------------------------------------------------------------
 
 
-def test_pact_module_alpha_gradient_and_max_init():
+def test_pact_module_alpha_gradient():
     q = PACTAct(2, alpha_init=1.0)
     x = torch.tensor([[0.2, 0.5, 1.0, 3.0]])
     q(x).sum().backward()
     assert torch.isclose(q.alpha.grad, torch.tensor(2.0))  # two elements at or above alpha
-    m = PACTAct(4, alpha_init="max")
-    m.train()
-    m(torch.tensor([[0.1, 2.5, 0.7]]))
-    assert torch.isclose(m.alpha.detach(), torch.tensor(2.5))
-    assert m.is_initialized()
+    assert q.scale_count() == 1  # alpha is stored (it scales the codes)
 
 
 def test_dorefa_modules_store_no_scale_beyond_1_bit():
