@@ -69,18 +69,19 @@ class TensorSplit:
         std = torch.tensor(self.std, dtype=torch.float32)
         scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
         shift = (-torch.tensor(self.mean, dtype=torch.float32) / std).view(1, -1, 1, 1).to(device)
+        augmenting = train and bool(self.pad or self.flip)
         if train:
-            order = torch.randperm(n, generator=generator)
-            jitter = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator)
-            flips = torch.rand(n, generator=generator) < 0.5
-            order, jitter, flips = order.to(device), jitter.to(device), flips.to(device)
-        else:
+            order = torch.randperm(n, generator=generator).to(device)
+        if augmenting:  # drawn only when used, so unaugmented splits keep their random stream
+            jitter = torch.randint(0, 2 * self.pad + 1, (2, n), generator=generator).to(device)
+            flips = (torch.rand(n, generator=generator) < 0.5).to(device)
+        if not train:
             order = torch.arange(n, device=device)
         stop = n - (n % batch_size) if drop_last and n >= batch_size else n
         for start in range(0, stop, batch_size):
             idx = order[start : start + batch_size]
             x = images[idx]
-            if train and (self.pad or self.flip):
+            if augmenting:
                 sl = slice(start, start + batch_size)
                 x = crop_flip(
                     x, self.pad, jitter[0, sl], jitter[1, sl], flips[sl] if self.flip else None
