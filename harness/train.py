@@ -130,7 +130,7 @@ def train_epoch(
 ) -> tuple[float, float, int]:
     """One pass over ``split``; returns (mean loss, top-1 %, steps). Raises NonFiniteLoss."""
     model.train()
-    fwd = forward or model
+    fwd = forward if forward is not None else model
     cl = r["channels_last"] and device.type == "cuda"
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device)
