@@ -14,6 +14,7 @@ flattened resolved cell; metrics: see :mod:`qbench.harness.runner`; artifacts
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """The git commit of the checkout qbench runs from (``-dirty`` with local changes),
     else the installed package version."""
@@ -64,7 +66,18 @@ def code_version() -> str:
         return __version__
 
 
+@functools.lru_cache(maxsize=1)
+def _environment() -> str:
+    return json.dumps(environment_uncached())
+
+
 def environment() -> dict[str, Any]:
+    """Python, platform, torch, CUDA, GPUs, installed packages and the code version
+    (read once per process: the package list does not change while it runs)."""
+    return json.loads(_environment())
+
+
+def environment_uncached() -> dict[str, Any]:
     import importlib.metadata as md
 
     import torch
