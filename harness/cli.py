@@ -161,6 +161,7 @@ from qbench.leaderboard.cli import leaderboard_cmd  # noqa: E402  (cheap: click 
 
 cli.add_command(leaderboard_cmd)
 cli.add_command(__import__("qbench.harness.bench", fromlist=["bench"]).bench)  # torch loads lazily
+cli.add_command(__import__("qbench.harness.evaluate", fromlist=["evaluate_cmd"]).evaluate_cmd)
 
 
 def main() -> None:

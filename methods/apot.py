@@ -447,6 +447,10 @@ class APoT(Method):
                 )
         return model
 
+    def import_checkpoint(self, obj: dict, model: nn.Module, where: str | None = None) -> None:
+        """Load an official APoT checkpoint into ``model`` (see :func:`import_checkpoint`)."""
+        import_checkpoint(obj, model, where)
+
     def param_groups(self, model: nn.Module, recipe: dict) -> list[dict] | None:
         """As the official ``main.py``: every parameter (BatchNorm included) at the recipe's
         weight decay; the CIFAR variant gives the thresholds their own lr and decay."""
@@ -527,3 +531,18 @@ def import_checkpoint(obj: dict, model: nn.Module, where: str | Path | None = No
             f"shape mismatch for {bad[:4]} (wrong model?)", str(where) if where else None
         )
     model.load_state_dict(mapped, strict=False)
+
+
+class APoTUniformOptions(APoTOptions):
+    levels: Literal["uniform"] = "uniform"
+
+
+class APoTUniform(APoT):
+    """APoT's training (weight normalisation, learned clipping thresholds, calibrated 2-bit
+    gradient) with the uniform quantizer: the official ``power=False`` setting of the
+    README's "Compared with Uniform Quantization" table, registered apart so that its
+    reported numbers do not meet APoT's."""
+
+    name = "apot_uniform"
+    comment = "APoT with power=False (uniform levels); " + APoT.comment
+    Options = APoTUniformOptions
