@@ -73,11 +73,12 @@ Deviations from the official code (also in :attr:`APoT.comment`):
   float32 normalisation); ``B`` = 1, 7 and 8 (needed for 2-bit APoT weights when not using
   the uniform 2-bit rule, 8-bit weights, 7/8-bit activations) continue the same pattern.
   The CIFAR code itself accepts weights up to 5 bits.
-* The projection onto the nearest level is a sorted search over the level table (a
-  registered buffer) and the two neighbouring levels instead of the official
-  distance-to-every-level matrix: same result, including ties (resolved towards the
-  level that comes first in the official table's order), in linear memory, and it works
-  on channels_last tensors (the official ``view(-1)`` fails on them).
+* The projection onto the nearest level is one sorted search over precomputed float32
+  decision thresholds (registered buffers, like the level table) instead of the official
+  distance-to-every-level matrix: the same result, float rounding of the distances and
+  ties included (a tie goes to the level that comes first in the official table's
+  order), in linear memory, and it works on channels_last tensors (the official
+  ``view(-1)`` fails on them).
 * The quantizer computes in float32 under bf16 autocast and returns the input's dtype.
 """
 
@@ -169,9 +170,31 @@ def _tie_up(kind: LevelKind, B: int, levels: torch.Tensor) -> torch.Tensor:
     return pos[1:] < pos[:-1]
 
 
-def project(x: torch.Tensor, levels: torch.Tensor, tie_up: torch.Tensor) -> torch.Tensor:
+def decision_thresholds(levels: torch.Tensor, tie_up: torch.Tensor) -> torch.Tensor:
+    """For each pair of neighbouring levels (lo, hi), the smallest float32 ``x`` that the
+    official rule sends to ``hi``: ``|x - hi| < |x - lo|`` in float32, or equal with the tie
+    going up. Found by bisection over the float32 bit patterns between lo and hi (the rule
+    is monotone there), so that projecting is one sorted search and the result equals the
+    official distance-to-every-level ``argmin`` exactly, rounding of the distances and ties
+    included."""
+    lo_v, hi_v = levels[:-1].float(), levels[1:].float()
+    lo = lo_v.view(torch.int32).long()
+    hi = hi_v.view(torch.int32).long()
+    a, b = lo + 1, hi.clone()  # the answer lies in (lo, hi]
+    while bool((a < b).any()):
+        mid = (a + b) // 2
+        x = mid.int().view(torch.float32)
+        d_lo, d_hi = (x - lo_v).abs(), (x - hi_v).abs()
+        up = (d_hi < d_lo) | ((d_hi == d_lo) & tie_up)
+        active = a < b
+        b = torch.where(active & up, mid, b)
+        a = torch.where(active & ~up, mid + 1, a)
+    return a.int().view(torch.float32)
+
+
+def project(x: torch.Tensor, levels: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Nearest level of the sorted ``levels`` for every element of ``x`` (float32, any
-    memory layout). Distances are the official ``|x - level|`` of the two neighbours."""
+    memory layout), with the official rounding and ties (see :func:`decision_thresholds`)."""
     perm = None
     if (
         x.dim() == 4
@@ -180,11 +203,7 @@ def project(x: torch.Tensor, levels: torch.Tensor, tie_up: torch.Tensor) -> torc
     ):
         perm = (0, 2, 3, 1)  # work on the dense NHWC view, return the same layout
         x = x.permute(perm)
-    k = torch.searchsorted(levels, x).clamp_(1, levels.numel() - 1)
-    lo, hi = levels[k - 1], levels[k]
-    d_lo, d_hi = (x - lo).abs(), (x - hi).abs()
-    up = (d_hi < d_lo) | ((d_hi == d_lo) & tie_up[k - 1])
-    q = torch.where(up, hi, lo)
+    q = levels[torch.bucketize(x, thresholds, right=True)]
     if perm is not None:
         q = q.permute(0, 3, 1, 2)
     return q
@@ -205,7 +224,7 @@ class _APoTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, alpha, levels, tie_up, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
+        ctx, x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
     ):
         dtype = x.dtype
         u = x.float() / alpha.float()
@@ -214,7 +233,7 @@ class _APoTFunction(torch.autograd.Function):
         if n_uniform:
             q = (mag * n_uniform).round() / n_uniform
         else:
-            q = project(mag, levels, tie_up)
+            q = project(mag, levels, thresholds)
         if signed:
             q = q * c.sign()
         ctx.save_for_backward(u, q)
@@ -250,7 +269,7 @@ def apot_quantize(
     x: torch.Tensor,
     alpha: torch.Tensor,
     levels: torch.Tensor,
-    tie_up: torch.Tensor,
+    thresholds: torch.Tensor,
     *,
     signed: bool,
     n_uniform: int = 0,
@@ -260,7 +279,7 @@ def apot_quantize(
 ) -> torch.Tensor:
     """Functional form of the quantizer (see :class:`_APoTFunction`)."""
     return _APoTFunction.apply(
-        x, alpha, levels, tie_up, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
+        x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
     )
 
 
@@ -298,13 +317,12 @@ class APoTQuantizer(Quantizer):
         # non-persistent: they follow .to(device) but are a function of (kind, bits), so
         # checkpoints stay small and official state_dicts load
         self.register_buffer("levels", levels, persistent=False)
-        self.register_buffer(
-            "tie_up",
+        tie_up = (
             _tie_up(kind, B, levels)
             if not self.n_uniform
-            else torch.zeros(len(levels) - 1, dtype=torch.bool),
-            persistent=False,
+            else torch.zeros(len(levels) - 1, dtype=torch.bool)
         )
+        self.register_buffer("thresholds", decision_thresholds(levels, tie_up), persistent=False)
         w_init, a_init = ALPHA_INIT[variant]
         init = alpha_init if alpha_init is not None else (w_init if role == "weight" else a_init)
         self.alpha = nn.Parameter(torch.tensor(float(init)))
@@ -321,7 +339,7 @@ class APoTQuantizer(Quantizer):
                 x,
                 self.alpha,
                 self.levels,
-                self.tie_up,
+                self.thresholds,
                 signed=True,
                 n_uniform=self.n_uniform,
                 clip_x_grad=not (self.calibrated or self.variant == "cifar"),
@@ -331,7 +349,7 @@ class APoTQuantizer(Quantizer):
             x,
             self.alpha,
             self.levels,
-            self.tie_up,
+            self.thresholds,
             signed=False,
             n_uniform=self.n_uniform,
             lower_grad=self.variant == "imagenet",

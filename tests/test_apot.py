@@ -20,6 +20,7 @@ from qbench.methods.apot import (
     APoTQuantizer,
     MaxScaled8bit,
     apot_quantize,
+    decision_thresholds,
     level_set,
     official_to_qbench,
     project,
@@ -85,9 +86,9 @@ def test_extended_level_sets_have_2_to_the_B_levels(B):
 
 def test_projection_is_nearest_with_the_official_tie_order():
     lv = level_set("apot", 2)  # 0, 1/4, 1/2, 1
-    from qbench.methods.apot import _tie_up
+    from qbench.methods.apot import _tie_up, decision_thresholds
 
-    tie = _tie_up("apot", 2, lv)
+    tie = decision_thresholds(lv, _tie_up("apot", 2, lv))
     x = torch.tensor([0.0, 0.1, 0.13, 0.37, 0.76, 0.74, 1.0])
     assert project(x, lv, tie).tolist() == [0.0, 0.0, 0.25, 0.25, 1.0, 0.5, 1.0]
     # exact midpoints: the official table is list(set([0, .5, .25, .125])), which iterates
@@ -95,6 +96,22 @@ def test_projection_is_nearest_with_the_official_tie_order():
     # comes first: 0 (before .25), .5 (before .25), 1 (before .5)
     mids = torch.tensor([0.125, 0.375, 0.75])
     assert project(mids, lv, tie).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_projection_equals_the_official_argmin_bit_for_bit():
+    # the official table for 4 activation bits, built as its code does (nested loops, a
+    # Python set, float32, times float32(1/max)); its projection is the argmin of the float32
+    # distances to every level, the first level winning a tie
+    p0, p1 = [0.0, 2**-1, 2**-3, 2**-5], [0.0, 2**-2, 2**-4, 2**-6]
+    table = torch.tensor(list({a + b for a in p0 for b in p1}), dtype=torch.float32)
+    table = table * (1.0 / torch.max(table))
+    q = APoTQuantizer(4, "act")
+    # every float32 within 2000 ulps of each decision point, plus the midpoints and levels
+    bits = q.thresholds.view(torch.int32)
+    x = (bits[:, None] + torch.arange(-2000, 2001, dtype=torch.int32)).flatten()
+    x = torch.cat([x.view(torch.float32), (q.levels[1:] + q.levels[:-1]) / 2, q.levels])
+    reference = table[(x[:, None] - table[None, :]).abs().argmin(dim=1)]
+    assert torch.equal(project(x, q.levels, q.thresholds), reference)
 
 
 # --- the quantization function: values and gradients ------------------------------------
@@ -136,7 +153,7 @@ def test_weight_quantizer_imagenet_clips_gradient_and_scales_alpha():
     torch.manual_seed(1)
     w_hat = torch.randn(64) * 1.5  # already standardised enough; feed the function directly
     lv = level_set("apot", 4)
-    tie = torch.zeros(len(lv) - 1, dtype=torch.bool)
+    tie = decision_thresholds(lv, torch.zeros(len(lv) - 1, dtype=torch.bool))
     x = w_hat.clone().requires_grad_(True)
     alpha = torch.tensor(2.0, requires_grad=True)
     out = apot_quantize(x, alpha, lv, tie, signed=True, clip_x_grad=True, grad_scale=0.5)
@@ -160,7 +177,13 @@ def test_two_bit_weights_use_the_calibrated_gradient():
         w = x.clone().requires_grad_(True)
         # feed pre-normalised values through the function the module uses
         out = apot_quantize(
-            w, q.alpha, q.levels, q.tie_up, signed=True, n_uniform=q.n_uniform, clip_x_grad=False
+            w,
+            q.alpha,
+            q.levels,
+            q.thresholds,
+            signed=True,
+            n_uniform=q.n_uniform,
+            clip_x_grad=False,
         )
         assert out.tolist() == [-1.0, -1.0, -0.0, 0.0, 0.0, 1.0, 1.0]
         out.sum().backward()
@@ -277,7 +300,7 @@ def test_trains_a_few_steps_on_cpu():
     opt = torch.optim.SGD(
         APoT(3, 3).param_groups(model, {"weight_decay": 1e-4}), lr=0.01, momentum=0.9
     )
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     a0 = model.layer1[0].conv1.act_quantizer.alpha.item()
     for _ in range(3):
         loss = nn.functional.cross_entropy(model(x), y)
