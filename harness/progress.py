@@ -40,8 +40,8 @@ class Reporter:
         elif kind == "epoch":
             m = kw["metrics"]
             if self.plain:
-                print(f"    epoch {kw['epoch']}/{kw['total']} loss {m['train_loss']:.4f} "
-                      f"test top-1 {m['test_top1']:.2f}", flush=True)
+                test = f" test top-1 {m['test_top1']:.2f}" if "test_top1" in m else ""
+                print(f"    epoch {kw['epoch']}/{kw['total']} loss {m['train_loss']:.4f}{test}", flush=True)
             else:
                 self.progress.update(self.cell_task, completed=kw["epoch"])
 

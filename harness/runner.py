@@ -189,16 +189,18 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
             e0 = time.perf_counter()
             loss, acc, _ = train_epoch(model, data.train, opt, sched, r, device, generator,
                                        method.extra_loss, method.on_step, epoch * steps, forward)
-            test = evaluate(forward, data.test, r, device)
-            m = {"train_loss": loss, "train_top1": acc, "test_top1": test.top1, "test_loss": test.loss,
-                 "lr": opt.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - e0}
-            if test.top1 > history["best_test"]:
-                history["best_test"], history["best_epoch"] = test.top1, epoch + 1
-            if has_val:
-                val = evaluate(forward, data.val, r, device)
-                m["val_top1"] = val.top1
-                if val.top1 > history["best_val"]:
-                    history["best_val"], history["test_at_best_val"] = val.top1, test.top1
+            m = {"train_loss": loss, "train_top1": acc, "lr": opt.param_groups[0]["lr"]}
+            if (epoch + 1) % r["eval_every"] == 0 or epoch + 1 == epochs:
+                test = evaluate(forward, data.test, r, device)
+                m.update(test_top1=test.top1, test_loss=test.loss)
+                if test.top1 > history["best_test"]:
+                    history["best_test"], history["best_epoch"] = test.top1, epoch + 1
+                if has_val:
+                    val = evaluate(forward, data.val, r, device)
+                    m["val_top1"] = val.top1
+                    if val.top1 > history["best_val"]:
+                        history["best_val"], history["test_at_best_val"] = val.top1, test.top1
+            m["epoch_time_s"] = time.perf_counter() - e0
             tracker.log_metrics(run_id, m, step=epoch + 1)
             history["elapsed"] += time.perf_counter() - e0
             _atomic_save({"model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -48,6 +48,7 @@ class Recipe(BaseModel):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 512
+    eval_every: PositiveInt = 1  # evaluate on the test (and val) split every N epochs and at the end
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: PositiveFloat = 0.1
     momentum: float = Field(0.9, ge=0, lt=1)
