@@ -53,7 +53,7 @@ def list_cmd(what: str) -> None:
 
         for name, cls in METHODS.items():
             paper = cls.paper.cite() if cls.paper and cls.paper.year else "-"
-            click.echo(f"{name:10s} {paper}")
+            click.echo(f"{name:14s} {paper}")
     elif what == "models":
         from .models import MODELS
 

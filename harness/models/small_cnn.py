@@ -36,4 +36,5 @@ class SmallCNN(nn.Module):
 
 @register_model("small_cnn")
 def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 8, width: int = 32) -> nn.Module:
+    """Small CNN for tiny inputs (digits): 3 conv-BN-ReLU blocks of width w, 2w, 4w, then linear."""
     return SmallCNN(num_classes, in_channels, width)
