@@ -116,9 +116,8 @@ def pact_clip(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """PACT's activation (eq. 1): ``y = 0.5 (|x| - |x - alpha| + alpha)``, i.e. x clipped to
     [0, alpha]. Gradients (eq. 3 with the STE): ``dy/dx = 1`` for 0 <= x < alpha,
     ``dy/dalpha = 1`` for x >= alpha, 0 elsewhere (no half-gradient at the kinks)."""
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     a = alpha.to(x.dtype)
-    return torch.where(x >= a, a, torch.where(x > 0, x, zero))
+    return torch.where(x >= a, a, torch.relu(x))
 
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, k: int) -> torch.Tensor:
