@@ -108,7 +108,8 @@ def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderb
             st = rec.status if rec else "pending"
             action = "skip (done)" if st == "done" and not force else "run"
             parent = f" <- {c.parent}" if c.parent else ""
-            click.echo(f"  {c.id}  {action:11s} {c.label}  epochs={c.recipe['epochs'] if c.recipe['train'] else 0}{parent}")
+            epochs = c.recipe["epochs"] if c.recipe["train"] else 0
+            click.echo(f"  {c.id}  {action:11s} {c.label}  epochs={epochs}{parent}")
         return
     from .executor import LocalExecutor
     from .progress import Reporter

@@ -31,7 +31,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            key = name or getattr(obj, "__name__")
+            key = name or obj.__name__
             if key in self._items and self._items[key] is not obj:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
             self._items[key] = obj

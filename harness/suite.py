@@ -338,13 +338,15 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
             for k, b in enumerate(entry.bits):
                 if b.w not in cls.weight_bits or b.a not in cls.act_bits:
                     raise QbenchError(
-                        f"{entry.method} does not support {b.label} (weights {min(cls.weight_bits)}..{max(cls.weight_bits)}, "
+                        f"{entry.method} does not support {b.label} "
+                        f"(weights {min(cls.weight_bits)}..{max(cls.weight_bits)}, "
                         f"activations {min(cls.act_bits)}..{max(cls.act_bits)} bits)",
                         f"{mw}.bits[{k}]",
                     )
             for label, partial in entry.bit_recipes.items():
                 if label not in labels:
-                    raise QbenchError(f"{label!r} is not one of this entry's bits {sorted(labels)}", f"{mw}.bit_recipes")
+                    raise QbenchError(f"{label!r} is not one of this entry's bits {sorted(labels)}",
+                                      f"{mw}.bit_recipes")
                 _recipe(partial, f"{mw}.bit_recipes.{label}")
             try:
                 cls.Options(**entry.options)

@@ -26,9 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
-
 from qbench.harness.registry import Registry
+from torch import nn
 
 
 @dataclass(frozen=True)

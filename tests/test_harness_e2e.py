@@ -84,7 +84,7 @@ def test_diverging_cell_fails_alone(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert "1 of 3 cells failed" in res.stderr and "not finite" in res.stderr
     df = runs_of(tmp_path)
-    status = dict(zip(df["tags.qbench.method"], df["tags.qbench.status"]))
+    status = dict(zip(df["tags.qbench.method"], df["tags.qbench.status"], strict=True))
     assert status == {"fp32": "done", "uniform": "done", "lsq": "failed"}
     failed = df[df["tags.qbench.method"] == "lsq"].iloc[0]
     assert "not finite" in failed["tags.qbench.error"] and failed["status"] == "FAILED"

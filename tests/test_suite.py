@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from qbench.harness.cli import cli
 from qbench.harness.errors import QbenchError
 from qbench.harness.suite import load_suite
