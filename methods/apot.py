@@ -196,14 +196,10 @@ def project(x: torch.Tensor, levels: torch.Tensor, thresholds: torch.Tensor) -> 
     """Nearest level of the sorted ``levels`` for every element of ``x`` (float32, any
     memory layout), with the official rounding and ties (see :func:`decision_thresholds`)."""
     perm = None
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         perm = (0, 2, 3, 1)  # work on the dense NHWC view, return the same layout
         x = x.permute(perm)
-    q = levels[torch.bucketize(x, thresholds, right=True)]
+    q = torch.take(levels, torch.bucketize(x, thresholds, right=True))
     if perm is not None:
         q = q.permute(0, 3, 1, 2)
     return q
@@ -223,9 +219,7 @@ class _APoTFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
-    ):
+    def forward(ctx, x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale):
         dtype = x.dtype
         u = x.float() / alpha.float()
         c = u.clamp(-1.0, 1.0) if signed else u.clamp(0.0, 1.0)
@@ -278,9 +272,7 @@ def apot_quantize(
     grad_scale: float | None = None,
 ) -> torch.Tensor:
     """Functional form of the quantizer (see :class:`_APoTFunction`)."""
-    return _APoTFunction.apply(
-        x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale
-    )
+    return _APoTFunction.apply(x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale)
 
 
 # --- quantizer modules --------------------------------------------------------------------
@@ -317,11 +309,7 @@ class APoTQuantizer(Quantizer):
         # non-persistent: they follow .to(device) but are a function of (kind, bits), so
         # checkpoints stay small and official state_dicts load
         self.register_buffer("levels", levels, persistent=False)
-        tie_up = (
-            _tie_up(kind, B, levels)
-            if not self.n_uniform
-            else torch.zeros(len(levels) - 1, dtype=torch.bool)
-        )
+        tie_up = _tie_up(kind, B, levels) if not self.n_uniform else torch.zeros(len(levels) - 1, dtype=torch.bool)
         self.register_buffer("thresholds", decision_thresholds(levels, tie_up), persistent=False)
         w_init, a_init = ALPHA_INIT[variant]
         init = alpha_init if alpha_init is not None else (w_init if role == "weight" else a_init)
@@ -413,10 +401,7 @@ class APoTOptions(BaseModel):
 class APoT(Method):
     name = "apot"
     paper = Paper(
-        title=(
-            "Additive Powers-of-Two Quantization: An Efficient Non-uniform Discretization "
-            "for Neural Networks"
-        ),
+        title=("Additive Powers-of-Two Quantization: An Efficient Non-uniform Discretization for Neural Networks"),
         authors="Li, Dong, Wang",
         venue="ICLR",
         year=2020,
@@ -460,9 +445,7 @@ class APoT(Method):
         )
         if o.first_last == "official":
             for name in ends:
-                _set_submodule(
-                    model, name, _wrap(model.get_submodule(name), MaxScaled8bit(), Identity())
-                )
+                _set_submodule(model, name, _wrap(model.get_submodule(name), MaxScaled8bit(), Identity()))
         return model
 
     def import_checkpoint(self, obj: dict, model: nn.Module, where: str | None = None) -> None:
@@ -545,9 +528,7 @@ def import_checkpoint(obj: dict, model: nn.Module, where: str | Path | None = No
         )
     bad = [k for k, v in mapped.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
-        raise QbenchError(
-            f"shape mismatch for {bad[:4]} (wrong model?)", str(where) if where else None
-        )
+        raise QbenchError(f"shape mismatch for {bad[:4]} (wrong model?)", str(where) if where else None)
     model.load_state_dict(mapped, strict=False)
 
 
