@@ -411,8 +411,9 @@ class APoT(Method):
     comment = (
         "Official CIFAR/ImageNet quantizers (levels, weight normalisation, alpha gradients, "
         "calibrated 2-bit gradient, 8-bit max-scaled first/last weights). Level sets extended "
-        "past the official 2..6 magnitude bits (1, 7, 8) by the same pattern; nearest-level "
-        "search by sorted lookup (same values and ties), works in channels_last."
+        "past the official 2..6 magnitude bits (1, 7, 8) by the same pattern; nearest level by "
+        "one sorted search over precomputed float32 decision thresholds (bit-for-bit the "
+        "official argmin, ties included), which also works in channels_last."
     )
     weight_bits = (*range(2, 9), 32)
     act_bits = (*range(2, 9), 32)
