@@ -297,9 +297,7 @@ def test_official_key_mapping_and_import_errors():
 def test_trains_a_few_steps_on_cpu():
     torch.manual_seed(0)
     model = APoT(3, 3).prepare(create_model("resnet20", num_classes=10))
-    opt = torch.optim.SGD(
-        APoT(3, 3).param_groups(model, {"weight_decay": 1e-4}), lr=0.01, momentum=0.9
-    )
+    opt = torch.optim.SGD(APoT(3, 3).param_groups(model, {"weight_decay": 1e-4}), lr=0.01, momentum=0.9)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     a0 = model.layer1[0].conv1.act_quantizer.alpha.item()
     for _ in range(3):
@@ -309,3 +307,19 @@ def test_trains_a_few_steps_on_cpu():
         opt.step()
     assert torch.isfinite(loss)
     assert model.layer1[0].conv1.act_quantizer.alpha.item() != a0
+
+
+def test_cifar_resnet_layout_matches_the_official_names():
+    m = create_model("resnet20", num_classes=10)
+    names = set(m.state_dict())
+    # the official CIFAR10/models/resnet.py names (projection shortcut, option B)
+    for k in ("conv1.weight", "bn1.running_mean", "layer1.2.conv2.weight", "layer2.0.downsample.0.weight",
+              "layer3.0.downsample.1.running_var", "fc.bias"):  # fmt: skip
+        assert k in names
+    assert sum(p.numel() for p in m.parameters()) == 272_474
+    pad = create_model("resnet20", num_classes=10, shortcut="pad")  # option A, no parameters
+    assert sum(p.numel() for p in pad.parameters()) == 269_722
+    assert pad(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="shortcut"):
+        create_model("resnet20", num_classes=10, shortcut="nope")
+    assert len([n for n in create_model("resnet56", num_classes=10).state_dict() if n.endswith("conv1.weight")]) == 28
