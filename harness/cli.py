@@ -157,6 +157,27 @@ def show(suite, out, tracking_uri) -> None:
                    f"{c.seed:4d}  {top1}")
 
 
+@cli.command("import")
+@click.argument("source")
+@out_option
+@tracking_option
+def import_cmd(source, out, tracking_uri) -> None:
+    """Copy the runs of the MLflow store SOURCE (a tracking URI, or a folder holding
+    mlflow.db, e.g. an --out folder brought back from a GPU machine) into this store."""
+    from .transfer import import_runs
+
+    src = source
+    if "://" not in source:
+        db = Path(source) / "mlflow.db" if Path(source).is_dir() else Path(source)
+        if not db.is_file():
+            raise QbenchError("no MLflow store here (expected a tracking URI or a folder with mlflow.db)", source)
+        src = f"sqlite:///{db.resolve()}"
+    ctx = _ctx(out, tracking_uri, None)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    copied, skipped = import_runs(src, ctx.tracker())
+    click.echo(f"imported {copied} runs from {src} ({skipped} already here); store: {ctx.tracking_uri}")
+
+
 # --- commands from other modules are added here (one line each) -----------------------
 from qbench.leaderboard.cli import leaderboard_cmd  # noqa: E402  (cheap: click only)
 

@@ -125,3 +125,22 @@ def test_sigkill_mid_cell_then_resume(tmp_path: Path) -> None:
     lsq = df[df["tags.qbench.method"] == "lsq"].iloc[0]
     steps = {m.step for m in mlflow.tracking.MlflowClient().get_metric_history(lsq["run_id"], "test_top1")}
     assert steps == set(range(1, 41)), "one curve over all 40 epochs across the two attempts"
+
+
+def test_import_merges_a_returned_store_once(tiny, tmp_path: Path) -> None:
+    out, _ = tiny
+    dst = tmp_path / "local"
+    res = qbench("import", str(out), "--out", str(dst))
+    assert res.returncode == 0, res.stderr
+    assert "imported 3 runs" in res.stdout
+    src_runs, dst_runs = runs_of(out), runs_of(dst)
+    assert sorted(dst_runs["tags.qbench.cell_id"]) == sorted(src_runs["tags.qbench.cell_id"])
+    assert set(dst_runs["status"]) == {"FINISHED"}
+    fp = dst_runs[dst_runs["tags.qbench.method"] == "fp32"].iloc[0]
+    client = mlflow.tracking.MlflowClient()
+    assert [m.step for m in client.get_metric_history(fp["run_id"], "test_top1")] == [1, 2, 3]
+    assert {a.path for a in client.list_artifacts(fp["run_id"])} >= {"config.json", "footprint.json", "checkpoint"}
+    again = qbench("import", str(out), "--out", str(dst))
+    assert "imported 0 runs" in again.stdout and len(runs_of(dst)) == 3
+    bad = qbench("import", str(tmp_path / "nothing-here"), "--out", str(dst))
+    assert bad.returncode == 2 and "nothing-here" in bad.stderr
