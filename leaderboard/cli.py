@@ -16,9 +16,7 @@ import click
     type=click.Path(file_okay=False),
     help="Output folder: the site goes to <out>/site/, exports to <out>/leaderboard.<format>.",
 )
-@click.option(
-    "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)."
-)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db).")
 @click.option(
     "--format",
     "fmt",

@@ -26,11 +26,7 @@ def _md_cell(v: object) -> str:
     """Table-safe Markdown text: no pipes, no line breaks, no raw HTML."""
     s = " ".join(str(v).split())
     return (
-        s.replace("\\", "\\\\")
-        .replace("|", "\\|")
-        .replace("&", "&amp;")
-        .replace("<", "&lt;")
-        .replace(">", "&gt;")
+        s.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     ) or "-"
 
 
@@ -97,10 +93,5 @@ def to_csv(table: pd.DataFrame) -> str:
 def to_json(table: pd.DataFrame) -> str:
     records = []
     for rec in table.to_dict("records"):
-        records.append(
-            {
-                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in rec.items()
-            }
-        )
+        records.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()})
     return json.dumps(records, indent=2, default=str) + "\n"

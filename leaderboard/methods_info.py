@@ -32,12 +32,14 @@ def _describe(name: str, cls: Any) -> dict:
 
 
 def _bits_range(bits) -> str:
-    bits = sorted(int(b) for b in bits)
-    if not bits:
-        return ""
-    if bits == list(range(bits[0], bits[-1] + 1)) and len(bits) > 2:
-        return f"{bits[0]}..{bits[-1]}"
-    return ", ".join(map(str, bits))
+    """(2, 3, 4, 5, 8, 32) -> '2..5, 8, 32'."""
+    runs: list[list[int]] = []
+    for b in sorted({int(b) for b in bits}):
+        if runs and b == runs[-1][-1] + 1:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
 
 
 def registered_methods() -> list[dict]:

@@ -131,17 +131,14 @@ def parse_reported(text: str, file: str) -> list[dict]:
         raise QbenchError(f"unknown key(s) {sorted(unknown)}; expected `paper` and `rows`", file)
     paper = doc.get("paper")
     if not isinstance(paper, dict):
-        raise QbenchError(
-            "expected a mapping (key, title, authors, venue, year, url)", f"{file}: paper"
-        )
+        raise QbenchError("expected a mapping (key, title, authors, venue, year, url)", f"{file}: paper")
     for k in PAPER_REQUIRED:
         if paper.get(k) in (None, ""):
             raise QbenchError(f"missing required key `{k}`", f"{file}: paper")
     extra = set(paper) - set(PAPER_REQUIRED) - set(PAPER_OPTIONAL)
     if extra:
         raise QbenchError(
-            f"unknown key(s) {sorted(extra)}; "
-            f"allowed: {', '.join(PAPER_REQUIRED + PAPER_OPTIONAL)}",
+            f"unknown key(s) {sorted(extra)}; allowed: {', '.join(PAPER_REQUIRED + PAPER_OPTIONAL)}",
             f"{file}: paper",
         )
     year = paper["year"]
@@ -165,30 +162,23 @@ def parse_reported(text: str, file: str) -> list[dict]:
         extra = set(row) - set(ROW_REQUIRED) - set(ROW_OPTIONAL)
         if extra:
             raise QbenchError(
-                f"unknown key(s) {sorted(extra)}; "
-                f"allowed: {', '.join(ROW_REQUIRED + ROW_OPTIONAL)}",
+                f"unknown key(s) {sorted(extra)}; allowed: {', '.join(ROW_REQUIRED + ROW_OPTIONAL)}",
                 where,
             )
         metric = row["metric"]
         if metric not in METRICS:
-            raise QbenchError(
-                f"unknown metric {metric!r}; known: {', '.join(METRICS)}", f"{where}.metric"
-            )
+            raise QbenchError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}", f"{where}.metric")
         value = row["value"]
         if not _is_number(value):
             raise QbenchError(f"expected a number, got {value!r}", f"{where}.value")
         if metric in ("top1", "top5") and not 0 <= float(value) <= 100:
-            raise QbenchError(
-                f"accuracy in percent expected (0..100), got {value!r}", f"{where}.value"
-            )
+            raise QbenchError(f"accuracy in percent expected (0..100), got {value!r}", f"{where}.value")
         task = row.get("task") or METRICS[metric][0]
         if task not in TASKS:
             raise QbenchError(f"unknown task {task!r}; known: {', '.join(TASKS)}", f"{where}.task")
         source = _text(row["source"], f"{where}.source", optional=False)
         if not source.strip():
-            raise QbenchError(
-                "every reported number needs its source (paper table or README)", f"{where}.source"
-            )
+            raise QbenchError("every reported number needs its source (paper table or README)", f"{where}.source")
         rec = {
             "paper": key,
             "paper_title": str(paper["title"]),
@@ -209,9 +199,7 @@ def parse_reported(text: str, file: str) -> list[dict]:
             "comment": _text(row.get("comment"), f"{where}.comment"),
             "variant": _text(row.get("variant"), f"{where}.variant"),
             "size_mb": _optional_number(row.get("size_mb"), f"{where}.size_mb"),
-            "compression_ratio": _optional_number(
-                row.get("compression_ratio"), f"{where}.compression_ratio"
-            ),
+            "compression_ratio": _optional_number(row.get("compression_ratio"), f"{where}.compression_ratio"),
             "rel_bops": _optional_number(row.get("rel_bops"), f"{where}.rel_bops"),
         }
         ident = tuple(
@@ -259,9 +247,7 @@ def load_reported(files: Iterable[tuple[str, str]] | None = None) -> pd.DataFram
         parsed = parse_reported(text, name)
         key = parsed[0]["paper"]
         if key in keys:
-            raise QbenchError(
-                f"paper key {key!r} is already used by {keys[key]}", f"{name}: paper.key"
-            )
+            raise QbenchError(f"paper key {key!r} is already used by {keys[key]}", f"{name}: paper.key")
         keys[key] = name
         rows.extend(parsed)
     return pd.DataFrame(rows, columns=COLUMNS)

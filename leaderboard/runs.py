@@ -99,9 +99,7 @@ def fetch_runs(tracking_uri: str, details: bool = True) -> list[Run]:
     from mlflow.entities import ViewType
 
     client = _client(tracking_uri)
-    experiments = {
-        e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
-    }
+    experiments = {e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
     if not experiments:
         return []
     found: list[Run] = []
@@ -162,9 +160,7 @@ def group_key(run: Run, by_cell: dict[str, Run], _depth: int = 0) -> str:
     parent_id = run.tag("parent") or run.params.get("parent", "")
     if parent_id and parent_id != "None":
         parent = by_cell.get(parent_id)
-        cfg["parent"] = (
-            group_key(parent, by_cell, _depth + 1) if parent is not None and _depth < 50 else "?"
-        )
+        cfg["parent"] = group_key(parent, by_cell, _depth + 1) if parent is not None and _depth < 50 else "?"
     for k in ("dataset", "model", "method", "w_bits", "a_bits", "notation", "task"):
         cfg["tag:" + k] = run.tag(k)
     blob = json.dumps(cfg, sort_keys=True)

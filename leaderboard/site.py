@@ -41,11 +41,7 @@ from .runs import Run, fetch_runs, public_uri, run_url
 from .table import BADGES, MIB, PRIMARY_METRIC, SECTIONS, build_table
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-SCRIPT = (
-    (TEMPLATES / "leaderboard.js").read_text(encoding="utf-8")
-    if (TEMPLATES / "leaderboard.js").exists()
-    else ""
-)
+SCRIPT = (TEMPLATES / "leaderboard.js").read_text(encoding="utf-8") if (TEMPLATES / "leaderboard.js").exists() else ""
 
 
 # -- formatting (jinja filters) -----------------------------------------------------------
@@ -162,9 +158,7 @@ def _csp(script: str) -> str:
 
 
 # -- page data ----------------------------------------------------------------------------
-def _rows(
-    df: pd.DataFrame, run_pages: dict[str, str], model_pages: dict[tuple[str, str], str]
-) -> list[dict]:
+def _rows(df: pd.DataFrame, run_pages: dict[str, str], model_pages: dict[tuple[str, str], str]) -> list[dict]:
     rows = []
     for rec in df.to_dict("records"):
         rec = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
@@ -174,13 +168,9 @@ def _rows(
         ]
         rec["model_page"] = model_pages.get((rec["dataset"], rec["model"]), "")
         rec["size_is_reported"] = rec["size_mb"] is None and rec["reported_size_mb"] is not None
-        rec["size_shown"] = (
-            rec["size_mb"] if rec["size_mb"] is not None else rec["reported_size_mb"]
-        )
+        rec["size_shown"] = rec["size_mb"] if rec["size_mb"] is not None else rec["reported_size_mb"]
         rec["cr_shown"] = (
-            rec["compression_ratio"]
-            if rec["compression_ratio"] is not None
-            else rec["reported_compression_ratio"]
+            rec["compression_ratio"] if rec["compression_ratio"] is not None else rec["reported_compression_ratio"]
         )
         rows.append(rec)
     return rows
@@ -223,12 +213,8 @@ def _pareto_plots(rows: list[dict], task: str) -> tuple[Markup, Markup]:
                 )
             )
             by_bits.append(svg.Point(r["w_bits"], r["reported"], name, r["method"], hollow=True))
-    size_plot = svg.scatter(
-        by_size, f"{label} vs model size", "size (MB, log scale)", f"{label} (%)", "log10"
-    )
-    bits_plot = svg.scatter(
-        by_bits, f"{label} vs weight bits", "weight bits (log scale)", f"{label} (%)", "log2"
-    )
+    size_plot = svg.scatter(by_size, f"{label} vs model size", "size (MB, log scale)", f"{label} (%)", "log10")
+    bits_plot = svg.scatter(by_bits, f"{label} vs weight bits", "weight bits (log scale)", f"{label} (%)", "log2")
     return size_plot, bits_plot
 
 
@@ -258,11 +244,7 @@ def _environment(env: Any) -> tuple[list[tuple[str, str]], list[str]]:
     if not isinstance(env, dict):
         return [], []
     pkgs = env.get("packages") or []
-    items = [
-        (str(k), v if isinstance(v, str) else json.dumps(v))
-        for k, v in env.items()
-        if k != "packages"
-    ]
+    items = [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in env.items() if k != "packages"]
     return items, [str(p) for p in pkgs] if isinstance(pkgs, list) else [str(pkgs)]
 
 
@@ -306,11 +288,7 @@ def render_site(
     }
 
     run_pages = {r.run_id: f"runs/{slug(r.run_id)}.html" for r in runs}
-    pairs = (
-        sorted({(d, m) for d, m in zip(table["dataset"], table["model"], strict=False)})
-        if len(table)
-        else []
-    )
+    pairs = sorted({(d, m) for d, m in zip(table["dataset"], table["model"], strict=False)}) if len(table) else []
     model_pages = {p: f"models/{slug(*p)}.html" for p in pairs}
     rows = _rows(table, run_pages, model_pages)
 

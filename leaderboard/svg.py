@@ -86,9 +86,7 @@ def _axis(values: list[float], scale: str, pad: float = 0.05) -> Axis:
         lo10, hi10 = math.log10(lo), math.log10(hi)
         span = max(hi10 - lo10, 0.2)
         lo10, hi10 = lo10 - span * pad, hi10 + span * pad
-        ticks = [
-            m * 10.0**k for k in range(math.floor(lo10), math.ceil(hi10) + 1) for m in (1, 2, 5)
-        ]
+        ticks = [m * 10.0**k for k in range(math.floor(lo10), math.ceil(hi10) + 1) for m in (1, 2, 5)]
         ticks = [t for t in ticks if lo10 <= math.log10(t) <= hi10]
         return Axis(10**lo10, 10**hi10, scale, ticks)
     span = (hi - lo) or (abs(hi) or 1.0)
@@ -109,26 +107,16 @@ class _Canvas:
         ]
         for t in x.ticks:
             px = self.px(t)
+            self.parts.append(f'<line x1="{px:.1f}" y1="{M_TOP}" x2="{px:.1f}" y2="{M_TOP + self.ph}" class="g"/>')
             self.parts.append(
-                f'<line x1="{px:.1f}" y1="{M_TOP}" x2="{px:.1f}" y2="{M_TOP + self.ph}" class="g"/>'
-            )
-            self.parts.append(
-                f'<text x="{px:.1f}" y="{M_TOP + self.ph + 14}" text-anchor="middle">'
-                f"{escape(_fmt(t))}</text>"
+                f'<text x="{px:.1f}" y="{M_TOP + self.ph + 14}" text-anchor="middle">{escape(_fmt(t))}</text>'
             )
         for t in y.ticks:
             py = self.py(t)
-            self.parts.append(
-                f'<line x1="{M_LEFT}" y1="{py:.1f}" x2="{M_LEFT + self.pw}" y2="{py:.1f}" '
-                'class="g"/>'
-            )
-            self.parts.append(
-                f'<text x="{M_LEFT - 5}" y="{py + 4:.1f}" text-anchor="end">'
-                f"{escape(_fmt(t))}</text>"
-            )
+            self.parts.append(f'<line x1="{M_LEFT}" y1="{py:.1f}" x2="{M_LEFT + self.pw}" y2="{py:.1f}" class="g"/>')
+            self.parts.append(f'<text x="{M_LEFT - 5}" y="{py + 4:.1f}" text-anchor="end">{escape(_fmt(t))}</text>')
         self.parts.append(
-            f'<text x="{M_LEFT + self.pw / 2}" y="{H - 8}" text-anchor="middle" class="l">'
-            f"{escape(xlabel)}</text>"
+            f'<text x="{M_LEFT + self.pw / 2}" y="{H - 8}" text-anchor="middle" class="l">{escape(xlabel)}</text>'
         )
         self.parts.append(
             f'<text transform="translate(14 {M_TOP + self.ph / 2}) rotate(-90)" '
@@ -151,12 +139,9 @@ class _Canvas:
             x = M_LEFT + self.pw + 14
             fill = "white" if hollow else color
             short = label if len(label) <= 16 else label[:15] + "\u2026"
+            self.parts.append(f'<circle cx="{x}" cy="{y - 4}" r="4" fill="{fill}" stroke="{color}"/>')
             self.parts.append(
-                f'<circle cx="{x}" cy="{y - 4}" r="4" fill="{fill}" stroke="{color}"/>'
-            )
-            self.parts.append(
-                f'<text x="{x + 8}" y="{y}" class="lg">{escape(short)}'
-                f"<title>{escape(label)}</title></text>"
+                f'<text x="{x + 8}" y="{y}" class="lg">{escape(short)}<title>{escape(label)}</title></text>'
             )
 
     def done(self) -> Markup:
@@ -182,10 +167,7 @@ def line_chart(
 ) -> Markup:
     """One polyline (with point markers) per named series of (x, y) points; ``integer_x``:
     the x axis counts something (epochs), so its ticks are whole numbers."""
-    series = {
-        k: [(x, y) for x, y in v if math.isfinite(y) and (not ylog or y > 0)]
-        for k, v in series.items()
-    }
+    series = {k: [(x, y) for x, y in v if math.isfinite(y) and (not ylog or y > 0)] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return empty_chart(title, "no data logged")
@@ -202,10 +184,7 @@ def line_chart(
     for i, (name, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         path = " ".join(f"{c.px(x):.1f},{c.py(y):.1f}" for x, y in pts)
-        c.add(
-            f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" '
-            f'data-series="{escape(name)}"/>'
-        )
+        c.add(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2" data-series="{escape(name)}"/>')
         for x, y in pts:
             c.add(
                 f'<circle cx="{c.px(x):.1f}" cy="{c.py(y):.1f}" r="2.5" fill="{color}">'
@@ -246,11 +225,7 @@ def scatter(
     frontier: bool = True,
 ) -> Markup:
     """A scatter plot with the Pareto frontier (lower x, higher y) of the filled points."""
-    points = [
-        p
-        for p in points
-        if math.isfinite(p.x) and math.isfinite(p.y) and (xscale == "linear" or p.x > 0)
-    ]
+    points = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y) and (xscale == "linear" or p.x > 0)]
     if not points:
         return empty_chart(title, "no points to plot")
     ys = (
@@ -258,9 +233,7 @@ def scatter(
         + [p.y + p.yerr for p in points if math.isfinite(p.yerr)]
         + [p.y - p.yerr for p in points if math.isfinite(p.yerr)]
     )
-    c = _Canvas(
-        title, xlabel, ylabel, _axis([p.x for p in points], xscale), _axis(ys, "linear"), title
-    )
+    c = _Canvas(title, xlabel, ylabel, _axis([p.x for p in points], xscale), _axis(ys, "linear"), title)
     groups = list(dict.fromkeys(p.group for p in points))
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
     if frontier:

@@ -136,9 +136,7 @@ class _Group:
         return [r for r in self.runs if r.status == "failed"]
 
     def stat(self, key: str) -> tuple[float, float, int]:
-        vals = [
-            r.metrics[key] for r in self.done if key in r.metrics and math.isfinite(r.metrics[key])
-        ]
+        vals = [r.metrics[key] for r in self.done if key in r.metrics and math.isfinite(r.metrics[key])]
         if not vals:
             return math.nan, math.nan, 0
         std = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
@@ -246,9 +244,7 @@ def _reported_fields(rep: pd.Series | None) -> dict:
     }
 
 
-def build_table(
-    runs: list[Run], reported: pd.DataFrame, comments: dict[str, str] | None = None
-) -> pd.DataFrame:
+def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str] | None = None) -> pd.DataFrame:
     """Join run groups with reported rows (see the module docstring); one DataFrame."""
     comments = method_comments() if comments is None else comments
     groups: dict[str, list[Run]] = defaultdict(list)
@@ -257,9 +253,7 @@ def build_table(
 
     by_key: dict[tuple, list[int]] = defaultdict(list)
     for i, rep in reported.iterrows():
-        by_key[
-            (rep["dataset"], rep["model"], rep["method"], int(rep["w_bits"]), int(rep["a_bits"]))
-        ].append(i)
+        by_key[(rep["dataset"], rep["model"], rep["method"], int(rep["w_bits"]), int(rep["a_bits"]))].append(i)
     matched: set[int] = set()
     rows: list[dict] = []
     for members in groups.values():
@@ -268,19 +262,14 @@ def build_table(
         notation = g.first.tag("notation")
         candidates = [
             i
-            for i in by_key.get(
-                (base["dataset"], base["model"], base["method"], base["w_bits"], base["a_bits"]), []
-            )
-            if METRICS[reported.at[i, "metric"]][0] == base["task"]
-            or reported.at[i, "task"] == base["task"]
+            for i in by_key.get((base["dataset"], base["model"], base["method"], base["w_bits"], base["a_bits"]), [])
+            if METRICS[reported.at[i, "metric"]][0] == base["task"] or reported.at[i, "task"] == base["task"]
         ]
         # an explicit notation on both sides (ter/ter vs 2/2) must agree
         candidates = [
             i
             for i in candidates
-            if not (
-                notation and reported.at[i, "notation"] and reported.at[i, "notation"] != notation
-            )
+            if not (notation and reported.at[i, "notation"] and reported.at[i, "notation"] != notation)
         ]
         for i in candidates or [None]:
             rep = reported.loc[i] if i is not None else None
@@ -334,9 +323,7 @@ def build_table(
             row["badge"] = "failed" if row["status"] == "failed" else "no-reported"
         else:
             row["badge"] = "failed" if row["status"] == "failed" else "not-run"
-        row["comment"] = _join_comment(
-            row["reported_comment"], row["suite_comment"], row["method_comment"]
-        )
+        row["comment"] = _join_comment(row["reported_comment"], row["suite_comment"], row["method_comment"])
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:

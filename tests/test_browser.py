@@ -133,9 +133,7 @@ def _visible_rows(page, section: str = "Classification"):
 
 
 def _column_values(page, index: int) -> list[str]:
-    return _visible_rows(page).evaluate_all(
-        f"rows => rows.map(r => r.children[{index}].getAttribute('data-v'))"
-    )
+    return _visible_rows(page).evaluate_all(f"rows => rows.map(r => r.children[{index}].getAttribute('data-v'))")
 
 
 def test_index_loads_clean_and_shows_the_runs(site, watched, tmp_path):
@@ -202,11 +200,7 @@ def test_filters_change_the_rows(site, watched):
 def test_run_and_model_pages_open(site, watched, tmp_path):
     page = watched.page
     page.goto(site.joinpath("index.html").as_uri())
-    row = (
-        _visible_rows(page)
-        .filter(has=page.locator('td[data-v="lsq"]'))
-        .filter(has=page.locator('td[data-v="4/4"]'))
-    )
+    row = _visible_rows(page).filter(has=page.locator('td[data-v="lsq"]')).filter(has=page.locator('td[data-v="4/4"]'))
     row.get_by_role("link", name="s0").click()
     page.wait_for_load_state("load")
     assert "/runs/" in page.url
@@ -214,9 +208,7 @@ def test_run_and_model_pages_open(site, watched, tmp_path):
     assert page.locator("svg.chart polyline").count() >= 3  # accuracy, loss, lr curves
     layers = page.locator("table.fp tbody tr")
     assert layers.count() >= 2
-    assert (
-        "QuantConv2d" in layers.first.inner_text() or "QuantLinear" in layers.all_inner_texts()[-1]
-    )
+    assert "QuantConv2d" in layers.first.inner_text() or "QuantLinear" in layers.all_inner_texts()[-1]
     assert '"method": "lsq"' in page.locator("pre").first.inner_text()  # the resolved config
     page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
 
@@ -235,8 +227,6 @@ def test_methods_page_lists_every_registered_method(site, watched):
 
     page = watched.page
     page.goto(site.joinpath("methods.html").as_uri())
-    names = page.locator("table.methods tbody tr").evaluate_all(
-        "rs => rs.map(r => r.dataset.method)"
-    )
+    names = page.locator("table.methods tbody tr").evaluate_all("rs => rs.map(r => r.dataset.method)")
     assert names == METHODS.names()
     watched.check_clean()

@@ -152,9 +152,7 @@ class Store:
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
         self._json(rid, "config.json", config)
-        self._json(
-            rid, "environment.json", {"python": "3.11", "torch": "2.x", "packages": ["torch==2"]}
-        )
+        self._json(rid, "environment.json", {"python": "3.11", "torch": "2.x", "packages": ["torch==2"]})
         if status == "done":
             for e in range(1, epochs + 1):
                 self.client.log_batch(
@@ -179,9 +177,7 @@ class Store:
                 "bit_audit_ok": 1.0,
                 **(metrics or {}),
             }
-            self.client.log_batch(
-                rid, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()]
-            )
+            self.client.log_batch(rid, metrics=[Metric(k, float(v), 0, 0) for k, v in final.items()])
             self._json(
                 rid,
                 "footprint.json",
@@ -316,9 +312,7 @@ def test_comment_joins_suite_and_method_comments(table):
 def test_sections_and_order(table):
     assert list(table["section"].unique()) == ["Classification"]
     digits = table[table["dataset"] == "digits"]
-    assert (
-        digits["method"].iloc[0] == "fp32"
-    )  # the full-precision row first, as in EasyQuantization
+    assert digits["method"].iloc[0] == "fp32"  # the full-precision row first, as in EasyQuantization
 
 
 def test_tolerance_above_below_and_tasks(tmp_path):
@@ -345,14 +339,8 @@ def test_tolerance_above_below_and_tasks(tmp_path):
     assert _row(t, "lsq", "4/2")["w_bits"] == 2 and _row(t, "lsq", "4/2")["a_bits"] == 4
     assert _row(t, "lqnet", "ter/ter")["reproduced"] == 60.0
     coco = t[t["dataset"] == "coco"].set_index("model")
-    assert (
-        coco.loc["retinanet", "section"] == "Detection"
-        and coco.loc["retinanet", "reproduced"] == 31.5
-    )
-    assert (
-        coco.loc["maskrcnn", "section"] == "Segmentation"
-        and coco.loc["maskrcnn", "reproduced"] == 30.1
-    )
+    assert coco.loc["retinanet", "section"] == "Detection" and coco.loc["retinanet", "reproduced"] == 31.5
+    assert coco.loc["maskrcnn", "section"] == "Segmentation" and coco.loc["maskrcnn", "reproduced"] == 30.1
     assert list(t["section"].unique()) == ["Classification", "Detection", "Segmentation"]
 
 
@@ -413,9 +401,7 @@ def test_csv_and_json_exports(table):
     import io
 
     back = pd.read_csv(io.StringIO(to_csv(table)))
-    assert len(back) == len(table) and {"reported", "reproduced", "std", "n", "badge"} <= set(
-        back.columns
-    )
+    assert len(back) == len(table) and {"reported", "reproduced", "std", "n", "badge"} <= set(back.columns)
     recs = json.loads(to_json(table))
     lsq = next(r for r in recs if r["method"] == "lsq" and r["aw"] == "4/4")
     assert lsq["n"] == 2 and len(lsq["run_ids"]) == 3 and lsq["reported"] == 96.0
@@ -529,9 +515,7 @@ def test_build_site_end_to_end_and_cli(store, tmp_path):
     assert res.exit_code == 0, res.output
     assert "Dataset | Method | Model | A/W | Reported | Reproduced Top-1" in res.output
     assert "97.50 ± 0.50 (n=3)" in res.output
-    res = runner.invoke(
-        cli, ["leaderboard", "--out", str(tmp_path), "--tracking-uri", store.uri, "--format", "csv"]
-    )
+    res = runner.invoke(cli, ["leaderboard", "--out", str(tmp_path), "--tracking-uri", store.uri, "--format", "csv"])
     assert res.exit_code == 0 and (tmp_path / "leaderboard.csv").exists()
     res = runner.invoke(cli, ["leaderboard", "--out", str(tmp_path), "--tracking-uri", store.uri])
     assert res.exit_code == 0 and "site/index.html" in res.output
@@ -540,9 +524,7 @@ def test_build_site_end_to_end_and_cli(store, tmp_path):
 def test_empty_store_and_no_reported_numbers_still_build(tmp_path):
     empty = build_table([], load_reported([]), comments={})
     assert empty.empty
-    index = render_site(
-        empty, [], tmp_path / "site", "sqlite:///nowhere.db", reported=load_reported([])
-    )
+    index = render_site(empty, [], tmp_path / "site", "sqlite:///nowhere.db", reported=load_reported([]))
     html = index.read_text()
     assert "No runs and no reported numbers yet." in html
     assert (tmp_path / "site" / "methods.html").exists()

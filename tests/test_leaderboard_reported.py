@@ -42,9 +42,7 @@ def test_good_file_parses():
         4,
         91.5,
     )
-    assert first["task"] == "classification" and first["paper_cite"].startswith(
-        "A. Author, A paper"
-    )
+    assert first["task"] == "classification" and first["paper_cite"].startswith("A. Author, A paper")
     assert df.iloc[1]["notation"] == "ter/ter"
     seg = df.iloc[2]
     assert seg["task"] == "segmentation" and seg["size_mb"] == 6.65
