@@ -28,7 +28,6 @@ import gc
 import json
 import math
 import platform
-import re
 import statistics
 import time
 import warnings
@@ -40,11 +39,12 @@ from pathlib import Path
 import click
 
 from .errors import QbenchError
+from .suite import parse_bits as suite_parse_bits
+from .suite import parse_option_pairs
 
 # torch is imported inside the functions: ``qbench --help`` and the other commands
 # should not pay for it.
 
-BITS_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 # input side and channels of the datasets a model is made for (others: ImageNet, 224, RGB)
 NATIVE = {
     "resnet20": (32, 3),
@@ -102,26 +102,12 @@ class BenchResult:
 
 
 def parse_bits(text: str) -> tuple[int, int]:
-    m = BITS_RE.match(text.strip())
-    if not m:
-        raise QbenchError(
-            f"bit-width {text!r} is not of the form W<bits>A<bits> (e.g. W4A4)", "--bits"
-        )
-    return int(m.group(1)), int(m.group(2))
-
-
-def _parse_kv(items: tuple[str, ...], flag: str) -> dict:
-    """``key=value`` pairs; values parsed as JSON where they can be (numbers, booleans)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise QbenchError(f"expected key=value, got {item!r}", flag)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    """``W4A4`` -> (4, 4), with the suite's rules (bits in 1..32)."""
+    try:
+        b = suite_parse_bits(text)
+    except ValueError as e:
+        raise QbenchError(str(e), "--bits") from None
+    return b.w, b.a
 
 
 def environment(device) -> dict:
@@ -504,8 +490,8 @@ def bench(
         num_classes=num_classes,
         in_channels=in_channels,
         methods=[(m, *parse_bits(b)) for m in methods for b in bits],
-        method_options=_parse_kv(options, "--option"),
-        model_options=_parse_kv(model_options, "--model-option"),
+        method_options=parse_option_pairs(options, "--option"),
+        model_options=parse_option_pairs(model_options, "--model-option"),
         modes=modes,
         steps=steps,
         warmup=warmup,
@@ -514,7 +500,7 @@ def bench(
         compile_backend=compile_backend,
         dataset=dataset,
         data_root=data_root,
-        dataset_options=_parse_kv(dataset_options, "--dataset-option"),
+        dataset_options=parse_option_pairs(dataset_options, "--dataset-option"),
     )
     from .models import MODELS
 

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from .errors import QbenchError
-from .suite import Cell, Recipe, parse_bits
+from .suite import Cell, Recipe, parse_bits, parse_option_pairs
 
 
 @dataclass(frozen=True)
@@ -107,19 +106,6 @@ def load_into(model, method, obj: Any, fmt: str, where: str) -> str:
     except RuntimeError as e:
         raise QbenchError(" ".join(str(e).split())[:300], where) from None
     return fmt
-
-
-def _parse_kv(pairs: tuple[str, ...], what: str) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise QbenchError(f"expected key=value, got {pair!r}", what)
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise QbenchError(f"value of {key!r} is not valid YAML: {e}", what) from None
-    return out
 
 
 def evaluate_checkpoint(
@@ -329,9 +315,9 @@ def evaluate_cmd(
         dataset=dataset,
         method=method,
         bits=bits,
-        options=_parse_kv(options, "--option"),
-        model_options=_parse_kv(model_options, "--model-option"),
-        dataset_options=_parse_kv(dataset_options, "--dataset-option"),
+        options=parse_option_pairs(options, "--option"),
+        model_options=parse_option_pairs(model_options, "--model-option"),
+        dataset_options=parse_option_pairs(dataset_options, "--dataset-option"),
         data_root=data_root,
         split=split,
         batch_size=batch_size,

@@ -290,6 +290,25 @@ def load_suite(path: str | Path) -> Suite:
     return Suite(path=path, spec=spec, cells=cells)
 
 
+def parse_option_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict:
+    """``key=value`` options from the command line (``--option``, ``--model-option``, ...):
+    a value is read as JSON (so ``1e-4`` is a number), else as YAML (``[a, b]``, ``true``,
+    plain words as strings)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QbenchError(f"expected key=value, got {pair!r}", flag)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            try:
+                out[key] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise QbenchError(f"value of {key!r} is not valid YAML: {e}", flag) from None
+    return out
+
+
 def _merge(*dicts: dict) -> dict:
     out: dict = {}
     for d in dicts:
