@@ -1,19 +1,8 @@
-"""Errors a user can fix. The CLI prints them on one line and exits with status 2."""
+"""Errors a user can fix: the one :class:`QbenchError`, defined in :mod:`qbench.methods.errors`
+(the lowest layer) and used by the whole harness from here."""
 
 from __future__ import annotations
 
+from qbench.methods.errors import QbenchError
 
-class QbenchError(Exception):
-    """Bad input: a malformed suite, an unknown name, a missing file.
-
-    ``where`` names the file and key path (``suites/x.yaml: experiments[0].bits[1]``).
-    """
-
-    def __init__(self, message: str, where: str | None = None):
-        self.message = message
-        self.where = where
-        super().__init__(f"{where}: {message}" if where else message)
-
-
-class CellFailed(Exception):
-    """A cell could not finish (an exception inside it, a NaN loss); the suite goes on."""
+__all__ = ["QbenchError"]

@@ -428,8 +428,7 @@ class APoT(Method):
         return APoTQuantizer(bits, "act", o.levels, o.variant, o.act_alpha_init, o.grad_scale)
 
     def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
-        from qbench.harness.models import first_last_layers
-
+        from .layers import first_last_layers
         from .modules import _set_submodule, _wrap
 
         o = self.options
@@ -504,7 +503,7 @@ def official_to_qbench(state: dict) -> dict:
 def import_checkpoint(obj: dict, model: nn.Module, where: str | Path | None = None) -> None:
     """Load an official APoT checkpoint (the dict ``torch.save``'d by its ``main.py``, or
     its bare state_dict) into ``model`` prepared by :class:`APoT` with matching bits."""
-    from qbench.harness.errors import QbenchError
+    from .errors import QbenchError
 
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -26,8 +26,9 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from qbench.harness.registry import Registry
 from torch import nn
+
+from .registry import Registry
 
 
 @dataclass(frozen=True)

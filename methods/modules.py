@@ -176,7 +176,7 @@ def quantize_model(
     """
     if first_last not in FIRST_LAST_POLICIES:
         raise ValueError(f"first_last must be one of {FIRST_LAST_POLICIES}, got {first_last!r}")
-    from qbench.harness.models import first_last_layers
+    from .layers import first_last_layers
 
     first, last = first_last_names or first_last_layers(model)
     ends = {first, last}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from ..registry import Registry
+from qbench.methods.registry import Registry
+
 from .base import DataBundle, TensorSplit
 
 DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")

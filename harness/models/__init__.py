@@ -6,7 +6,7 @@ and returns an ``nn.Module`` in full precision. Quantization methods never live 
 they are applied afterwards by :mod:`qbench.methods`.
 
 Every model names its first and last layers for the methods' first/last-layer policy
-through :func:`first_last_layers` (by default: the first Conv2d/Linear and the last Linear
+through :func:`qbench.methods.layers.first_last_layers` (by default: the first Conv2d/Linear and the last Linear
 in module order).
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from qbench.methods.layers import first_last_layers
+from qbench.methods.registry import Registry
 from torch import nn
-
-from ..registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
@@ -49,16 +49,6 @@ def create_model(
     return MODELS.get(name, where)(
         num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options
     )
-
-
-def first_last_layers(model: nn.Module) -> tuple[str, str]:
-    """Names of the first and last weight layers (a model may override with
-    ``qbench_first_last = (first_name, last_name)``)."""
-    override = getattr(model, "qbench_first_last", None)
-    if override:
-        return tuple(override)  # type: ignore[return-value]
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return names[0], names[-1]
 
 
 __all__ = ["MODELS", "create_model", "first_last_layers", "register_model"]

@@ -1,7 +1,8 @@
 """A small name -> factory registry with one way in and did-you-mean errors.
 
-Models, datasets and methods each have one. Methods may also come from any installed
-distribution through the ``qbench.methods`` entry-point group (see
+Models, datasets and methods each have one (it lives here, the lowest layer, so that the
+harness builds on it and methods import nothing from the harness). Methods may also come
+from any installed distribution through the ``qbench.methods`` entry-point group (see
 :mod:`qbench.methods.base`).
 """
 
