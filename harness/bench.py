@@ -118,15 +118,11 @@ def environment(device) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
-        "gpu": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
-        env["gpu_memory_gib"] = round(
-            torch.cuda.get_device_properties(device).total_memory / 2**30, 1
-        )
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     return env
 
 
@@ -156,9 +152,7 @@ def _build(cfg: BenchConfig, method_name: str, w: int, a: int, device, example):
     method.calibrate(model, ctx)
     model.train()
     groups = method.param_groups(model, recipe) or default_param_groups(model, 5e-5, "weights")
-    opt = make_optimizer(
-        groups, {"optimizer": "sgd", "lr": cfg.lr, "momentum": 0.9, "nesterov": True}
-    )
+    opt = make_optimizer(groups, {"optimizer": "sgd", "lr": cfg.lr, "momentum": 0.9, "nesterov": True})
     return model, method, opt
 
 
@@ -208,10 +202,7 @@ def _time_steps(step: Callable, x, y, n: int, device) -> list[float]:
 
     times = []
     if device.type == "cuda":
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(n)
-        ]
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for start, end in events:
             start.record()
             step(x, y)
@@ -260,9 +251,7 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_bench(
-    cfg: BenchConfig, device, log: Callable[[str], None] = lambda s: None
-) -> list[BenchResult]:
+def run_bench(cfg: BenchConfig, device, log: Callable[[str], None] = lambda s: None) -> list[BenchResult]:
     """Measure every (configuration, mode); the full-precision baseline first."""
     import torch
 
@@ -371,9 +360,7 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
 
 
 @click.command("bench")
-@click.option(
-    "--model", "model_name", default="resnet18", show_default=True, help="Registered model name."
-)
+@click.option("--model", "model_name", default="resnet18", show_default=True, help="Registered model name.")
 @click.option(
     "--method",
     "methods",
@@ -391,18 +378,10 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
     help="Bit-width(s) W<w>A<a> (repeatable).",
 )
 @click.option("--batch-size", default=256, show_default=True, type=int)
-@click.option(
-    "--image-size", default=None, type=int, help="Input side (default: 224, or 32 for CIFAR nets)."
-)
-@click.option(
-    "--num-classes", default=None, type=int, help="Classes (default: 1000 at 224, else 10)."
-)
-@click.option(
-    "--in-channels", default=None, type=int, help="Input channels (default: the model's dataset's)."
-)
-@click.option(
-    "--steps", default=30, show_default=True, type=int, help="Timed steps (median reported)."
-)
+@click.option("--image-size", default=None, type=int, help="Input side (default: 224, or 32 for CIFAR nets).")
+@click.option("--num-classes", default=None, type=int, help="Classes (default: 1000 at 224, else 10).")
+@click.option("--in-channels", default=None, type=int, help="Input channels (default: the model's dataset's).")
+@click.option("--steps", default=30, show_default=True, type=int, help="Timed steps (median reported).")
 @click.option("--warmup", default=10, show_default=True, type=int, help="Untimed steps first.")
 @click.option(
     "--compile/--no-compile",
@@ -420,14 +399,10 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
     help="channels_last memory format on CUDA.",
 )
 @click.option("--option", "options", multiple=True, help="Method option key=value (repeatable).")
-@click.option(
-    "--model-option", "model_options", multiple=True, help="Model option key=value (repeatable)."
-)
+@click.option("--model-option", "model_options", multiple=True, help="Model option key=value (repeatable).")
 @click.option("--dataset", default=None, help="Also time one training epoch of this dataset.")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False))
-@click.option(
-    "--dataset-option", "dataset_options", multiple=True, help="Dataset option key=value."
-)
+@click.option("--dataset-option", "dataset_options", multiple=True, help="Dataset option key=value.")
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available).")
 @click.option(
     "--json",
@@ -471,9 +446,7 @@ def bench(
     if not modes:
         raise QbenchError("nothing to time: both --no-eager and --no-compile", "--eager")
     if steps < 1 or warmup < 0 or batch_size < 1:
-        raise QbenchError(
-            "--steps and --batch-size must be positive, --warmup not negative", "--steps"
-        )
+        raise QbenchError("--steps and --batch-size must be positive, --warmup not negative", "--steps")
     from qbench.methods import METHODS
 
     for m in methods:

@@ -32,14 +32,19 @@ def cli() -> None:
 
 def out_option(f):
     return click.option(
-        "--out", "out", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
+        "--out",
+        "out",
+        default=DEFAULT_OUT,
+        show_default=True,
+        type=click.Path(file_okay=False),
         help="Output folder: MLflow store, cell checkpoints, leaderboard site.",
     )(f)
 
 
 def tracking_option(f):
     return click.option(
-        "--tracking-uri", default=None,
+        "--tracking-uri",
+        default=None,
         help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db).",
     )(f)
 
@@ -73,13 +78,14 @@ def _ctx(out: str, tracking_uri: str | None, data_root: str | None, force: bool 
     from .tracking import default_uri
 
     outp = Path(out)
-    return RunContext(out_dir=outp.resolve(), tracking_uri=tracking_uri or default_uri(outp),
-                      data_root=data_root, force=force)
+    return RunContext(
+        out_dir=outp.resolve(), tracking_uri=tracking_uri or default_uri(outp), data_root=data_root, force=force
+    )
 
 
 def _statuses(suite, ctx) -> dict:
     """Cell id -> status read from the tracking store (an absent store: all pending)."""
-    if ctx.tracking_uri.startswith("sqlite:///") and not Path(ctx.tracking_uri[len("sqlite:///"):]).exists():
+    if ctx.tracking_uri.startswith("sqlite:///") and not Path(ctx.tracking_uri[len("sqlite:///") :]).exists():
         return {}
     return {cid: rec for cid, rec in ctx.tracker().runs().items()}
 
@@ -91,8 +97,12 @@ def _statuses(suite, ctx) -> dict:
 @click.option("--data-root", default=None, type=click.Path(file_okay=False), help="Folder holding the datasets.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and run nothing.")
 @click.option("--force", is_flag=True, help="Rerun cells that already finished.")
-@click.option("--device", "devices", default=None,
-              help="Comma-separated devices (cpu, cuda:0, ...); default: every visible GPU, else the CPU.")
+@click.option(
+    "--device",
+    "devices",
+    default=None,
+    help="Comma-separated devices (cpu, cuda:0, ...); default: every visible GPU, else the CPU.",
+)
 @click.option("--no-leaderboard", is_flag=True, help="Do not rebuild the leaderboard site at the end.")
 def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderboard) -> None:
     """Run SUITE (default: suites/smoke.yaml, the embedded digits suite)."""
@@ -153,8 +163,9 @@ def show(suite, out, tracking_uri) -> None:
         rec = status.get(c.id)
         st = rec.status if rec else "pending"
         top1 = f"{rec.metrics['top1']:.2f}" if rec and "top1" in rec.metrics else ""
-        click.echo(f"  {c.id:16s}  {st:8s} {c.dataset:10s} {c.model:16s} {c.method:10s} {c.bits_label:6s} "
-                   f"{c.seed:4d}  {top1}")
+        click.echo(
+            f"  {c.id:16s}  {st:8s} {c.dataset:10s} {c.model:16s} {c.method:10s} {c.bits_label:6s} {c.seed:4d}  {top1}"
+        )
 
 
 @cli.command("import")

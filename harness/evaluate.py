@@ -85,9 +85,7 @@ def load_into(model, method, obj: Any, fmt: str, where: str) -> str:
         fmt = "official" if importer is not None and _looks_foreign(obj) else "qbench"
     if fmt == "official":
         if importer is None:
-            raise QbenchError(
-                f"method {method.name!r} has no importer for released checkpoints", where
-            )
+            raise QbenchError(f"method {method.name!r} has no importer for released checkpoints", where)
         importer(obj, model, where)
         return fmt
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -153,9 +151,7 @@ def evaluate_checkpoint(
         raise QbenchError(" ".join(str(e).split())[:300], "--option") from None
     data = load_dataset(dataset, data_root, "--dataset", **(dataset_options or {}))
     if split not in data.splits:
-        raise QbenchError(
-            f"dataset {dataset} has no split {split!r} (has {sorted(data.splits)})", "--split"
-        )
+        raise QbenchError(f"dataset {dataset} has no split {split!r} (has {sorted(data.splits)})", "--split")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = create_model(
         model,
@@ -165,9 +161,7 @@ def evaluate_checkpoint(
         where="--model",
         **(model_options or {}),
     )
-    recipe = Recipe(
-        train=False, eval_batch_size=batch_size, amp=False, channels_last=False
-    ).model_dump()
+    recipe = Recipe(train=False, eval_batch_size=batch_size, amp=False, channels_last=False).model_dump()
     ctx = MethodContext(
         device=dev,
         recipe=recipe,
@@ -245,13 +239,9 @@ def evaluate_checkpoint(
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--model", required=True, help="Registered model name (qbench list models).")
 @click.option("--dataset", required=True, help="Registered dataset name (qbench list datasets).")
-@click.option(
-    "--method", default="fp32", show_default=True, help="Method the checkpoint was made with."
-)
+@click.option("--method", default="fp32", show_default=True, help="Method the checkpoint was made with.")
 @click.option("--bits", default="W32A32", show_default=True, help="W<bits>A<bits>, e.g. W4A4.")
-@click.option(
-    "--option", "options", multiple=True, metavar="KEY=VALUE", help="Method option (YAML value)."
-)
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Method option (YAML value).")
 @click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE")
 @click.option(
     "--dataset-option",
@@ -277,15 +267,9 @@ def evaluate_checkpoint(
     type=click.Choice(["auto", "qbench", "official"]),
     help="qbench state_dict, or the paper's released format (the method's importer).",
 )
-@click.option(
-    "--suite", default="imported", show_default=True, help="MLflow experiment to record the run in."
-)
-@click.option(
-    "--out", "out", default="qbench-out", show_default=True, type=click.Path(file_okay=False)
-)
-@click.option(
-    "--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db)."
-)
+@click.option("--suite", default="imported", show_default=True, help="MLflow experiment to record the run in.")
+@click.option("--out", "out", default="qbench-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///<out>/mlflow.db).")
 @click.option("--no-track", is_flag=True, help="Only print the result; record nothing.")
 @click.option("--comment", default="", help="Shown in the leaderboard's comment column.")
 def evaluate_cmd(
@@ -334,6 +318,4 @@ def evaluate_cmd(
         f"top-5 {metrics['top5']:.2f}  ({int(metrics['n_images'])} images)"
     )
     if "run_id" in metrics:
-        click.echo(
-            f"recorded: suite {suite}, cell {metrics['cell_id']}, MLflow run {metrics['run_id']}"
-        )
+        click.echo(f"recorded: suite {suite}, cell {metrics['cell_id']}, MLflow run {metrics['run_id']}")

@@ -69,8 +69,14 @@ class LocalExecutor(Executor):
             for dev in self.devices:
                 if dev in busy or not pending:
                     continue
-                ready = next((c for c in pending if not c.parent or c.parent in results
-                              or c.parent not in {x.id for x in cells}), None)
+                ready = next(
+                    (
+                        c
+                        for c in pending
+                        if not c.parent or c.parent in results or c.parent not in {x.id for x in cells}
+                    ),
+                    None,
+                )
                 if ready is None:
                     break
                 pending.remove(ready)
@@ -88,8 +94,9 @@ class LocalExecutor(Executor):
             except queue.Empty:
                 for dev, (p, cell) in list(busy.items()):
                     if not p.is_alive() and cell.id not in results:
-                        results[cell.id] = CellResult(cell.id, cell.label, "failed",
-                                                      error=f"worker exited with code {p.exitcode}")
+                        results[cell.id] = CellResult(
+                            cell.id, cell.label, "failed", error=f"worker exited with code {p.exitcode}"
+                        )
                         reporter.cell_end(cell.label, "failed", results[cell.id].error)
                         del busy[dev]
                 continue

@@ -21,8 +21,14 @@ class Reporter:
         self.console = Console(highlight=False)
         if not self.plain:
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), TimeElapsedColumn(), console=self.console, transient=False,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
             )
             self.suite_task = self.progress.add_task("suite", total=total)
             self.cell_task = self.progress.add_task("  epochs", total=1, visible=False)

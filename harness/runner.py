@@ -87,8 +87,9 @@ def parent_state(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict[str, 
     return torch.load(local, map_location="cpu", weights_only=True)
 
 
-def run_cell(cell: Cell, ctx: RunContext, runs: dict[str, RunRecord] | None = None,
-             report: Report | None = None) -> CellResult:
+def run_cell(
+    cell: Cell, ctx: RunContext, runs: dict[str, RunRecord] | None = None, report: Report | None = None
+) -> CellResult:
     """Run ``cell`` unless its finished run is already in the store (``ctx.force`` reruns)."""
     tracker = ctx.tracker()
     runs = runs if runs is not None else tracker.runs()
@@ -134,15 +135,22 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
     device = torch.device(ctx.device)
     generator = seed_everything(cell.seed)
     data = _dataset(cell, ctx)
-    model = create_model(cell.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                         image_size=data.image_size, **cell.model_options)
+    model = create_model(
+        cell.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        **cell.model_options,
+    )
     method = get_method(cell.method)(cell.w_bits, cell.a_bits, **cell.options)
     parent = parent_state(cell, ctx, tracker, runs) if cell.parent else None
     if parent is not None and cell.parent_method == "fp32":
         model.load_state_dict(parent)
     teacher = None
     mctx = MethodContext(
-        device=device, recipe=r, cell=cell,
+        device=device,
+        recipe=r,
+        cell=cell,
         calib_batches=lambda: data.train.batches(r["batch_size"], train=False, device=device),
     )
     if parent is not None and cell.parent_method == "fp32" and getattr(method, "needs_teacher", False):
@@ -161,8 +169,7 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
     last = cdir / "last.pt"
     state = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
     has_val = data.val is not None
-    history: dict = {"best_test": -1.0, "best_epoch": -1, "best_val": -1.0, "test_at_best_val": None,
-                     "elapsed": 0.0}
+    history: dict = {"best_test": -1.0, "best_epoch": -1, "best_val": -1.0, "test_at_best_val": None, "elapsed": 0.0}
     if state is not None:
         model.load_state_dict(state["model"])
         history.update(state["history"])
@@ -187,8 +194,19 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
         report("cell_epochs", total=epochs, done=start)
         for epoch in range(start, epochs):
             e0 = time.perf_counter()
-            loss, acc, _ = train_epoch(model, data.train, opt, sched, r, device, generator,
-                                       method.extra_loss, method.on_step, epoch * steps, forward)
+            loss, acc, _ = train_epoch(
+                model,
+                data.train,
+                opt,
+                sched,
+                r,
+                device,
+                generator,
+                method.extra_loss,
+                method.on_step,
+                epoch * steps,
+                forward,
+            )
             m = {"train_loss": loss, "train_top1": acc, "lr": opt.param_groups[0]["lr"]}
             if (epoch + 1) % r["eval_every"] == 0 or epoch + 1 == epochs:
                 test = evaluate(forward, data.test, r, device)
@@ -203,9 +221,18 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
             m["epoch_time_s"] = time.perf_counter() - e0
             tracker.log_metrics(run_id, m, step=epoch + 1)
             history["elapsed"] += time.perf_counter() - e0
-            _atomic_save({"model": _cpu_state(model), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "epoch": epoch + 1, "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                          "history": history}, last)
+            _atomic_save(
+                {
+                    "model": _cpu_state(model),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1,
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                },
+                last,
+            )
             report("epoch", epoch=epoch + 1, total=epochs, metrics=m)
 
     model = method.finalize(model)
@@ -213,9 +240,14 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
     example = next(iter(data.test.batches(1, train=False, device=device)))[0]
     fp = method.footprint(model, example)
     metrics = {
-        "top1": final.top1, "top5": final.top5, "test_loss": final.loss,
-        "size_bytes": fp.total_bytes, "fp32_bytes": fp.fp32_bytes, "compression_ratio": fp.compression_ratio,
-        "bops": float(fp.bops), "bit_audit_ok": float(fp.audit_ok),
+        "top1": final.top1,
+        "top5": final.top5,
+        "test_loss": final.loss,
+        "size_bytes": fp.total_bytes,
+        "fp32_bytes": fp.fp32_bytes,
+        "compression_ratio": fp.compression_ratio,
+        "bops": float(fp.bops),
+        "bit_audit_ok": float(fp.audit_ok),
         "wall_time_s": before + (time.perf_counter() - t0),
     }
     if history["best_epoch"] > 0:

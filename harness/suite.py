@@ -205,8 +205,14 @@ class Cell:
         return f"{self.dataset}/{self.model} {self.method} {self.bits_label} seed {self.seed}"
 
     def config(self) -> dict:
-        return {"id": self.id, "suite": self.suite, **self.identity(), "parent_method": self.parent_method,
-                "comment": self.comment, "tolerance": self.tolerance}
+        return {
+            "id": self.id,
+            "suite": self.suite,
+            **self.identity(),
+            "parent_method": self.parent_method,
+            "comment": self.comment,
+            "tolerance": self.tolerance,
+        }
 
 
 @dataclass
@@ -364,8 +370,9 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
                     )
             for label, partial in entry.bit_recipes.items():
                 if label not in labels:
-                    raise QbenchError(f"{label!r} is not one of this entry's bits {sorted(labels)}",
-                                      f"{mw}.bit_recipes")
+                    raise QbenchError(
+                        f"{label!r} is not one of this entry's bits {sorted(labels)}", f"{mw}.bit_recipes"
+                    )
                 _recipe(partial, f"{mw}.bit_recipes.{label}")
             try:
                 cls.Options(**entry.options)
@@ -378,32 +385,67 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
         for d in datasets:
             for m in models:
                 seeds = exp.seeds or spec.defaults.seeds
-                common = dict(suite=spec.name, dataset=d, model=m, dataset_options=dopts, model_options=mopts,
-                              tolerance=spec.tolerance)
+                common = dict(
+                    suite=spec.name,
+                    dataset=d,
+                    model=m,
+                    dataset_options=dopts,
+                    model_options=mopts,
+                    tolerance=spec.tolerance,
+                )
                 baselines = {}
                 for s in seeds:
                     r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, exp.baseline.recipe)).model_dump()
-                    baselines[s] = add(Cell(method="fp32", w_bits=32, a_bits=32, seed=s, recipe=r,
-                                            options=exp.baseline.options,
-                                            comment=exp.baseline.comment or exp.comment, **common))
+                    baselines[s] = add(
+                        Cell(
+                            method="fp32",
+                            w_bits=32,
+                            a_bits=32,
+                            seed=s,
+                            recipe=r,
+                            options=exp.baseline.options,
+                            comment=exp.baseline.comment or exp.comment,
+                            **common,
+                        )
+                    )
                 for entry, cls, opts in entries:
                     init = entry.init or ("scratch" if cls.init == "scratch" else "baseline")
                     for s in entry.seeds or seeds:
                         prev: Cell | None = baselines.get(s)
                         if prev is None:  # entry-specific seed: its own baseline
                             r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, exp.baseline.recipe)).model_dump()
-                            prev = add(Cell(method="fp32", w_bits=32, a_bits=32, seed=s, recipe=r,
-                                            options=exp.baseline.options, **common))
+                            prev = add(
+                                Cell(
+                                    method="fp32",
+                                    w_bits=32,
+                                    a_bits=32,
+                                    seed=s,
+                                    recipe=r,
+                                    options=exp.baseline.options,
+                                    **common,
+                                )
+                            )
                         for b in entry.bits:
-                            r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, entry.recipe,
-                                                entry.bit_recipes.get(b.label, {}))).model_dump()
+                            r = Recipe(
+                                **_merge(
+                                    spec.defaults.recipe, exp.recipe, entry.recipe, entry.bit_recipes.get(b.label, {})
+                                )
+                            ).model_dump()
                             parent = None if init == "scratch" else prev
-                            cell = add(Cell(
-                                method=entry.method, w_bits=b.w, a_bits=b.a, seed=s, recipe=r, options=opts,
-                                parent=parent.id if parent else None,
-                                parent_method=parent.method if parent else None,
-                                comment="; ".join(c for c in (exp.comment, entry.comment) if c), **common,
-                            ))
+                            cell = add(
+                                Cell(
+                                    method=entry.method,
+                                    w_bits=b.w,
+                                    a_bits=b.a,
+                                    seed=s,
+                                    recipe=r,
+                                    options=opts,
+                                    parent=parent.id if parent else None,
+                                    parent_method=parent.method if parent else None,
+                                    comment="; ".join(c for c in (exp.comment, entry.comment) if c),
+                                    **common,
+                                )
+                            )
                             if init == "progressive":
                                 prev = cell
     return list(cells.values())

@@ -55,10 +55,16 @@ def code_version() -> str:
     else the installed package version."""
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         from . import __version__
@@ -141,12 +147,24 @@ class Tracker:
             return out
         token = None
         while True:
-            page = self.client.search_runs(exps, filter_string=f"tags.`{CELL_ID}` != ''", max_results=5000,
-                                           order_by=["attributes.start_time ASC"], page_token=token)
+            page = self.client.search_runs(
+                exps,
+                filter_string=f"tags.`{CELL_ID}` != ''",
+                max_results=5000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
             for r in page:
                 cid = r.data.tags.get(CELL_ID)
-                rec = RunRecord(r.info.run_id, cid, r.data.tags.get(STATUS, "running"), dict(r.data.metrics),
-                                dict(r.data.tags), r.info.start_time, r.info.end_time)
+                rec = RunRecord(
+                    r.info.run_id,
+                    cid,
+                    r.data.tags.get(STATUS, "running"),
+                    dict(r.data.metrics),
+                    dict(r.data.tags),
+                    r.info.start_time,
+                    r.info.end_time,
+                )
                 prev = out.get(cid)
                 # a finished run wins over a newer unfinished one
                 if prev is None or not (prev.status == "done" and rec.status != "done"):

@@ -135,8 +135,9 @@ def train_epoch(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device)
     n, step = 0, step0
-    for x, y in split.batches(r["batch_size"], train=True, device=device, generator=generator,
-                              channels_last=cl, drop_last=True):
+    for x, y in split.batches(
+        r["batch_size"], train=True, device=device, generator=generator, channels_last=cl, drop_last=True
+    ):
         with autocast(device, r["amp"]):
             out = fwd(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=r["label_smoothing"])

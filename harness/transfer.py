@@ -37,18 +37,25 @@ def import_runs(src_uri: str, dst: Tracker) -> tuple[int, int]:
             if cid and cid in have and (have[cid].status == "done" or tags.get(STATUS) != "done"):
                 skipped += 1
                 continue
-            new = dst.client.create_run(dst.experiment_id(exp.name), start_time=run.info.start_time,
-                                        run_name=run.info.run_name)
+            new = dst.client.create_run(
+                dst.experiment_id(exp.name), start_time=run.info.start_time, run_name=run.info.run_name
+            )
             rid = new.info.run_id
             metrics = []
             for key in run.data.metrics:
                 history = src.get_metric_history(run.info.run_id, key)
                 metrics += [Metric(m.key, m.value, m.timestamp, m.step) for m in history]
-            dst.client.log_batch(rid, params=[Param(k, v) for k, v in run.data.params.items()],
-                                 tags=[RunTag(k, v) for k, v in tags.items() if not k.startswith("mlflow.")
-                                       or k in ("mlflow.runName", "mlflow.note.content")])
+            dst.client.log_batch(
+                rid,
+                params=[Param(k, v) for k, v in run.data.params.items()],
+                tags=[
+                    RunTag(k, v)
+                    for k, v in tags.items()
+                    if not k.startswith("mlflow.") or k in ("mlflow.runName", "mlflow.note.content")
+                ],
+            )
             for i in range(0, len(metrics), 1000):
-                dst.client.log_batch(rid, metrics=metrics[i:i + 1000])
+                dst.client.log_batch(rid, metrics=metrics[i : i + 1000])
             with tempfile.TemporaryDirectory() as d:
                 for art in src.list_artifacts(run.info.run_id):
                     local = src.download_artifacts(run.info.run_id, art.path, d)

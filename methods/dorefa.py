@@ -42,10 +42,7 @@ from .functional import dorefa_activation, dorefa_weight
 from .modules import Quantizer, quantize_model
 
 DOREFA = Paper(
-    title=(
-        "DoReFa-Net: Training Low Bitwidth Convolutional Neural Networks "
-        "with Low Bitwidth Gradients"
-    ),
+    title=("DoReFa-Net: Training Low Bitwidth Convolutional Neural Networks with Low Bitwidth Gradients"),
     authors="Zhou, Wu, Ni, Zhou, Wen, Zou",
     venue="arXiv:1606.06160",
     year=2016,

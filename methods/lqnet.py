@@ -112,9 +112,7 @@ class LQQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         kind = "ternary" if self.ternary else f"bits={self.bits}"
-        return (
-            f"{kind}, {'weights' if self.signed else 'activations'}, groups={self.basis.shape[1]}"
-        )
+        return f"{kind}, {'weights' if self.signed else 'activations'}, groups={self.basis.shape[1]}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.basis.shape[1]

@@ -105,9 +105,7 @@ class LSQ(Method):
         year=2020,
         url="https://arxiv.org/abs/1902.08153",
     )
-    comment = (
-        "no weight decay on step sizes; signed activation grid where a layer's input has negatives"
-    )
+    comment = "no weight decay on step sizes; signed activation grid where a layer's input has negatives"
     weight_bits = tuple(range(2, 33))
     act_bits = tuple(range(2, 33))
     Options = LSQOptions

@@ -95,10 +95,7 @@ class UniformOptions(BaseModel):
 class Uniform(Method):
     name = "uniform"
     paper = Paper(
-        title=(
-            "Quantization and Training of Neural Networks for Efficient "
-            "Integer-Arithmetic-Only Inference"
-        ),
+        title=("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"),
         authors="Jacob et al.",
         venue="CVPR",
         year=2018,

@@ -31,9 +31,7 @@ def test_registry_lists_the_papers_datasets():
 def _ramp_split(n=6, pad=4, flip=True) -> TensorSplit:
     # pixel value encodes its column, so crops and flips are visible in the output
     cols = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8).expand(n, 3, 8, 8) * 10 + 10
-    return TensorSplit(
-        cols.contiguous(), torch.arange(n), (0.0, 0.0, 0.0), (1 / 255,) * 3, pad, flip
-    )
+    return TensorSplit(cols.contiguous(), torch.arange(n), (0.0, 0.0, 0.0), (1 / 255,) * 3, pad, flip)
 
 
 def test_crop_flip_matches_pad_crop_then_mirror():
@@ -60,16 +58,8 @@ def test_tensor_split_eval_is_ordered_and_normalised():
 
 def test_tensor_split_train_shuffles_crops_and_is_reproducible():
     s = _ramp_split(n=64)
-    a = list(
-        s.batches(
-            16, train=True, device=torch.device("cpu"), generator=torch.Generator().manual_seed(1)
-        )
-    )
-    b = list(
-        s.batches(
-            16, train=True, device=torch.device("cpu"), generator=torch.Generator().manual_seed(1)
-        )
-    )
+    a = list(s.batches(16, train=True, device=torch.device("cpu"), generator=torch.Generator().manual_seed(1)))
+    b = list(s.batches(16, train=True, device=torch.device("cpu"), generator=torch.Generator().manual_seed(1)))
     for (xa, ya), (xb, yb) in zip(a, b, strict=False):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     labels = torch.cat([y for _, y in a])
@@ -83,9 +73,7 @@ def test_tensor_split_train_shuffles_crops_and_is_reproducible():
 
 def test_tensor_split_drop_last_and_channels_last():
     s = _ramp_split(n=10, pad=0, flip=False)
-    got = list(
-        s.batches(4, train=True, device=torch.device("cpu"), drop_last=True, channels_last=True)
-    )
+    got = list(s.batches(4, train=True, device=torch.device("cpu"), drop_last=True, channels_last=True))
     assert [len(y) for _, y in got] == [4, 4]
     assert got[0][0].is_contiguous(memory_format=torch.channels_last)
 
@@ -97,9 +85,7 @@ def _idx(array: np.ndarray) -> bytes:
 
 
 def test_mnist_real_test_split(shared_data, tmp_path):
-    b = load_dataset(
-        "mnist", path=str(shared_data / "mnist"), download=False, cache_dir=str(tmp_path)
-    )
+    b = load_dataset("mnist", path=str(shared_data / "mnist"), download=False, cache_dir=str(tmp_path))
     assert (b.num_classes, b.in_channels, b.image_size) == (10, 1, 28)
     assert len(b.test) == 10_000
     assert torch.equal(
@@ -151,9 +137,7 @@ def cifar_jpeg_test_only(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("cifar")
     (root / "cifar10-jpeg").mkdir()
     for split in ("train", "test"):
-        (root / "cifar10-jpeg" / f"{split}.tar.gz").symlink_to(
-            shared_data / "cifar10-jpeg" / "test.tar.gz"
-        )
+        (root / "cifar10-jpeg" / f"{split}.tar.gz").symlink_to(shared_data / "cifar10-jpeg" / "test.tar.gz")
     return root
 
 
@@ -173,17 +157,13 @@ def test_cifar10_jpeg_loads_with_class_order(cifar_jpeg_test_only, tmp_path):
     # the second load comes from the cache and is identical
     c = load_dataset("cifar10", str(cifar_jpeg_test_only), download=False, cache_dir=str(tmp_path))
     assert torch.equal(c.test.images, b.test.images)
-    sl = load_dataset(
-        "cifar10", str(cifar_jpeg_test_only), download=False, cache_dir=str(tmp_path), limit=500
-    )
+    sl = load_dataset("cifar10", str(cifar_jpeg_test_only), download=False, cache_dir=str(tmp_path), limit=500)
     assert len(sl.train) == len(sl.test) == 500
 
 
 @pytest.mark.slow
 def test_cifar10_real_train_archive(shared_data, tmp_path):
-    b = load_dataset(
-        "cifar10", str(shared_data), format="jpeg", download=False, cache_dir=str(tmp_path)
-    )
+    b = load_dataset("cifar10", str(shared_data), format="jpeg", download=False, cache_dir=str(tmp_path))
     assert b.train.images.shape == (50_000, 3, 32, 32)
     assert torch.equal(torch.bincount(b.train.labels), torch.full((10,), 5000))
 
@@ -210,18 +190,14 @@ def _tar(path: Path, members: dict[str, bytes]) -> None:
 
 
 def _jpeg(value: int) -> bytes:
-    return (
-        encode_jpeg(torch.full((3, 32, 32), value, dtype=torch.uint8), quality=95).numpy().tobytes()
-    )
+    return encode_jpeg(torch.full((3, 32, 32), value, dtype=torch.uint8), quality=95).numpy().tobytes()
 
 
 def test_damaged_image_and_unknown_class_are_named(tmp_path):
     root = tmp_path / "cifar10-jpeg"
     root.mkdir()
     _tar(root / "test.tar.gz", {"test/cat/0.jpg": _jpeg(100), "test/dog/1.jpg": _jpeg(50)})
-    _tar(
-        root / "train.tar.gz", {"train/cat/0.jpg": _jpeg(100), "train/dog/1.jpg": b"\xff\xd8broken"}
-    )
+    _tar(root / "train.tar.gz", {"train/cat/0.jpg": _jpeg(100), "train/dog/1.jpg": b"\xff\xd8broken"})
     with pytest.raises(QbenchError, match=r"train/dog/1.jpg: cannot decode"):
         load_dataset("cifar10", str(tmp_path), download=False, cache=False)
     _tar(root / "train.tar.gz", {"train/cat/0.jpg": _jpeg(100), "train/kitten/1.jpg": _jpeg(1)})
@@ -233,17 +209,13 @@ def test_damaged_image_and_unknown_class_are_named(tmp_path):
     assert abs(int(b.train.images[1].float().mean()) - 200) <= 2
 
 
-def _cifar_pickle_dir(
-    base: Path, name: str, n_per_file: int, files: list[str], key: str, classes: int
-):
+def _cifar_pickle_dir(base: Path, name: str, n_per_file: int, files: list[str], key: str, classes: int):
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for f in files:
         batch = {
             "data": rng.integers(0, 255, (n_per_file, 3072), dtype=np.uint8),
-            key: list(range(n_per_file))
-            if classes > n_per_file
-            else [i % classes for i in range(n_per_file)],
+            key: list(range(n_per_file)) if classes > n_per_file else [i % classes for i in range(n_per_file)],
         }
         (base / f).write_bytes(pickle.dumps(batch))
 
@@ -260,23 +232,17 @@ def test_cifar10_and_100_pickle_layouts(tmp_path):
     b = load_dataset("cifar10", str(tmp_path), download=False, cache=False)
     assert b.variant == "pickle" and len(b.train) == 20 and len(b.test) == 4
     assert b.train.images.shape == (20, 3, 32, 32)
-    _cifar_pickle_dir(
-        tmp_path / "cifar-100-python", "cifar100", 7, ["train", "test"], "fine_labels", 100
-    )
+    _cifar_pickle_dir(tmp_path / "cifar-100-python", "cifar100", 7, ["train", "test"], "fine_labels", 100)
     c = load_dataset("cifar100", str(tmp_path), download=False, cache=False)
     assert c.num_classes == 100 and len(c.train) == 7 and c.train.labels.tolist() == list(range(7))
     # the downloaded archive works without unpacking
-    shutil.make_archive(
-        str(tmp_path / "x" / "cifar-10-python"), "gztar", tmp_path, "cifar-10-batches-py"
-    )
+    shutil.make_archive(str(tmp_path / "x" / "cifar-10-python"), "gztar", tmp_path, "cifar-10-batches-py")
     d = load_dataset("cifar10", str(tmp_path / "x"), download=False, cache=False)
     assert torch.equal(d.train.images, b.train.images)
 
 
 def test_cifar_missing_says_what_to_put_where(tmp_path):
-    with pytest.raises(
-        QbenchError, match=r"cifar-10-batches-py.*cifar10-jpeg/\{train,test\}.tar.gz"
-    ):
+    with pytest.raises(QbenchError, match=r"cifar-10-batches-py.*cifar10-jpeg/\{train,test\}.tar.gz"):
         load_dataset("cifar10", str(tmp_path), download=False)
     with pytest.raises(QbenchError, match="format must be one of"):
         load_dataset("cifar10", str(tmp_path), format="png")

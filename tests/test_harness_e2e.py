@@ -18,8 +18,9 @@ SUITES = Path(__file__).parent / "suites"
 
 
 def qbench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qbench.harness.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "qbench.harness.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def runs_of(out: Path):
@@ -92,8 +93,12 @@ def test_diverging_cell_fails_alone(tmp_path: Path) -> None:
 
 def test_sigkill_mid_cell_then_resume(tmp_path: Path) -> None:
     suite = str(SUITES / "long.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "qbench.harness.cli", "run", suite, "--out", str(tmp_path),
-                             "--no-leaderboard"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qbench.harness.cli", "run", suite, "--out", str(tmp_path), "--no-leaderboard"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     cells = tmp_path / "cells"
     killed_at = None

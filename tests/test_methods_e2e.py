@@ -82,11 +82,7 @@ def test_lqnet_ternary_holds_three_levels(runs):
     out, df = runs
     lq = df[df["tags.qbench.method"] == "lqnet"]
     levels = sorted(
-        max(
-            lf["levels_allowed"]
-            for lf in _footprint(r["run_id"], out)["layers"]
-            if lf["levels_allowed"]
-        )
+        max(lf["levels_allowed"] for lf in _footprint(r["run_id"], out)["layers"] if lf["levels_allowed"])
         for _, r in lq.iterrows()
     )
     assert levels == [3, 4]

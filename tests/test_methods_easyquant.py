@@ -27,9 +27,7 @@ def digits():
 def _ctx(data=None, **recipe) -> MethodContext:
     r = {"weight_decay": 1e-4, "calib_batches": 2, **recipe}
     cpu = torch.device("cpu")
-    batches = (
-        (lambda: data.train.batches(64, train=False, device=cpu)) if data else (lambda: iter(()))
-    )
+    batches = (lambda: data.train.batches(64, train=False, device=cpu)) if data else (lambda: iter(()))
     return MethodContext(device=cpu, recipe=r, calib_batches=batches)
 
 

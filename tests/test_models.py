@@ -80,9 +80,7 @@ def test_forward_backward_and_channels_last(name):
     m.eval()
     with torch.no_grad():
         ref = m(x)
-        cl = m.to(memory_format=torch.channels_last)(
-            x.contiguous(memory_format=torch.channels_last)
-        )
+        cl = m.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-4)
     first, last = first_last_layers(m)
     assert isinstance(m.get_submodule(first), nn.Conv2d)
@@ -93,9 +91,7 @@ def test_torchvision_resnet18_is_torchvision_at_224():
     from torchvision.models import resnet18
 
     ours, ref = create_model("resnet18", num_classes=1000, image_size=224), resnet18()
-    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
-        (k, v.shape) for k, v in ref.state_dict().items()
-    ]
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
     assert isinstance(ours.maxpool, nn.MaxPool2d) and ours.conv1.kernel_size == (7, 7)
     small = create_model("resnet18", num_classes=10, image_size=32)
     assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
@@ -158,9 +154,7 @@ def test_weights_from_a_local_file(tmp_path):
     torch.manual_seed(1)
     src = create_model("resnet18", num_classes=1000, image_size=224)
     path = tmp_path / "r18.pth.tar"
-    torch.save(
-        {"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, path
-    )
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, path)
     m = create_model("resnet18", num_classes=1000, image_size=224, weights=str(path))
     assert torch.equal(m.conv1.weight, src.conv1.weight) and torch.equal(m.fc.bias, src.fc.bias)
     # another number of classes: everything but the classifier is loaded
@@ -181,9 +175,7 @@ def test_torchvision_weights_from_the_hub_cache_or_a_clear_error(tmp_path, monke
         "load_state_dict_from_url",
         lambda *a, **k: (_ for _ in ()).throw(OSError("offline")),
     )
-    with pytest.raises(
-        QbenchError, match=r"not in the torch hub cache .* put resnet18-f37072fd.pth"
-    ):
+    with pytest.raises(QbenchError, match=r"not in the torch hub cache .* put resnet18-f37072fd.pth"):
         create_model("resnet18", num_classes=1000, weights="IMAGENET1K_V1")
     with pytest.raises(QbenchError, match="unknown weights 'IMAGENET9'"):
         create_model("resnet18", num_classes=1000, weights="IMAGENET9")

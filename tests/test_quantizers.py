@@ -218,9 +218,7 @@ def _quantizers() -> dict[str, tuple[Quantizer, Quantizer]]:
 def _layer(wq: Quantizer, aq: Quantizer) -> QuantConv2d:
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
-    model = quantize_model(
-        nn.Sequential(conv), lambda m, n, b: wq, lambda m, n, b: aq, 4, 4, first_last="same"
-    )
+    model = quantize_model(nn.Sequential(conv), lambda m, n, b: wq, lambda m, n, b: aq, 4, 4, first_last="same")
     return model[0]
 
 
@@ -301,9 +299,7 @@ def test_first_last_policies(policy, expect):
 
 
 def test_first_last_8bit_keeps_higher_precision():
-    net = quantize_model(
-        Net(), lambda m, n, b: DoReFaWeight(b), lambda m, n, b: DoReFaAct(b), 16, 32, "8bit"
-    )
+    net = quantize_model(Net(), lambda m, n, b: DoReFaWeight(b), lambda m, n, b: DoReFaAct(b), 16, 32, "8bit")
     assert net.c1.weight_quantizer.bits == 16 and isinstance(net.c1.act_quantizer, Identity)
 
 

@@ -17,7 +17,7 @@ BROKEN = sorted((SUITES / "broken").glob("*.yaml"))
 def _expected_key(path: Path) -> str:
     first = path.read_text().splitlines()[0]
     assert first.startswith("# expect: ")
-    return first[len("# expect: "):].strip()
+    return first[len("# expect: ") :].strip()
 
 
 @pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
@@ -65,7 +65,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_recipes_override_below_and_progressive_chain(tmp_path: Path) -> None:
-    s = load_suite(_write(tmp_path, """
+    s = load_suite(
+        _write(
+            tmp_path,
+            """
 name: chain
 defaults: {seeds: [0, 1], recipe: {lr: 0.1, epochs: 5, weight_decay: 1.0e-4}}
 experiments:
@@ -79,7 +82,9 @@ experiments:
         init: progressive
         recipe: {lr: 0.01}
         bit_recipes: {W2A2: {weight_decay: 3.0e-5}}
-"""))
+""",
+        )
+    )
     cells = {(c.method, c.bits_label, c.seed): c for c in s.cells}
     base = cells[("fp32", "FP32", 0)]
     assert base.recipe["lr"] == 0.2 and base.recipe["epochs"] == 7 and base.recipe["weight_decay"] == 1e-4

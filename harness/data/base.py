@@ -48,9 +48,7 @@ class TensorSplit:
     def subset(self, indices: torch.Tensor) -> TensorSplit:
         """A split holding only ``indices`` (same normalisation and augmentation)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return TensorSplit(
-            self.images[idx], self.labels[idx], self.mean, self.std, self.pad, self.flip
-        )
+        return TensorSplit(self.images[idx], self.labels[idx], self.mean, self.std, self.pad, self.flip)
 
     def batches(
         self,
@@ -83,9 +81,7 @@ class TensorSplit:
             x = images[idx]
             if augmenting:
                 sl = slice(start, start + batch_size)
-                x = crop_flip(
-                    x, self.pad, jitter[0, sl], jitter[1, sl], flips[sl] if self.flip else None
-                )
+                x = crop_flip(x, self.pad, jitter[0, sl], jitter[1, sl], flips[sl] if self.flip else None)
             x = torch.addcmul(shift, x.float(), scale)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -117,9 +113,7 @@ def crop_flip(
     return out.permute(0, 3, 1, 2)
 
 
-def augment(
-    x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None
-) -> torch.Tensor:
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator | None) -> torch.Tensor:
     """Random crop with zero padding and random horizontal flip, per image, on x's device."""
     n = x.shape[0]
     jitter = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)

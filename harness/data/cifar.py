@@ -93,9 +93,7 @@ def _unpickle(data: bytes, where: str) -> dict:
     try:
         return pickle.loads(data, encoding="latin1")
     except Exception as e:
-        raise QbenchError(
-            f"cannot read the CIFAR batch ({type(e).__name__}: {e}); copy it again", where
-        ) from None
+        raise QbenchError(f"cannot read the CIFAR batch ({type(e).__name__}: {e}); copy it again", where) from None
 
 
 def _batch_bytes(source: Path, spec: dict, split: str) -> list[tuple[str, bytes]]:
@@ -170,9 +168,7 @@ def _resolve(name: str, base: Path, fmt: str, path: Path | None) -> tuple[str, P
     if path is not None:
         if not path.exists():
             raise QbenchError(f"{path} does not exist", f"{name}.path")
-        is_pickle = (path / spec["files"]["test"][0]).is_file() or path.name.endswith(
-            ARCHIVE_SUFFIXES
-        )
+        is_pickle = (path / spec["files"]["test"][0]).is_file() or path.name.endswith(ARCHIVE_SUFFIXES)
         if fmt in ("jpeg", "imagefolder") or (fmt == "auto" and not is_pickle):
             return "jpeg", path
         return "pickle", path
@@ -214,10 +210,7 @@ def _load(
         why = _download(name, base)
         variant, source = _resolve(name, base, fmt, p)
     if not variant:
-        jpeg = (
-            f"{base / spec['jpeg_dir']}/{{train,test}}.tar.gz "
-            "(or train/ and test/ ImageFolder folders)"
-        )
+        jpeg = f"{base / spec['jpeg_dir']}/{{train,test}}.tar.gz (or train/ and test/ ImageFolder folders)"
         raise QbenchError(
             f"{name} not found: put the python batches in {base / spec['pickle_dir']} "
             f"(or {spec['archive']} in {base}), or a JPEG ImageFolder as {jpeg}"
@@ -229,9 +222,7 @@ def _load(
     for split in ("train", "test"):
         if variant == "pickle":
             sources = (
-                [source]
-                if source.is_file()
-                else [source / f for f in spec["files"][split] if (source / f).exists()]
+                [source] if source.is_file() else [source / f for f in spec["files"][split] if (source / f).exists()]
             )
             data = cached_tensors(
                 f"{name}-pickle-{split}",
@@ -244,8 +235,7 @@ def _load(
             src = find_split(source, split)
             if src is None:
                 raise QbenchError(
-                    f"the {split} split is missing: expected {source}/{split}.tar.gz "
-                    f"or {source}/{split}/<class>/*.jpg",
+                    f"the {split} split is missing: expected {source}/{split}.tar.gz or {source}/{split}/<class>/*.jpg",
                     name,
                 )
             data = cached_tensors(

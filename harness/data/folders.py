@@ -97,9 +97,7 @@ def read_split(source: Path) -> list[tuple[str, str, bytes]]:
     return items
 
 
-def class_indices(
-    names: list[str], canonical: list[str] | None, where: str
-) -> tuple[dict[str, int], list[str]]:
+def class_indices(names: list[str], canonical: list[str] | None, where: str) -> tuple[dict[str, int], list[str]]:
     """Map class folder names to label indices.
 
     With a canonical class list (CIFAR's class names, ImageNet's synsets), folders are
@@ -140,14 +138,10 @@ def _decode_chunk(chunk: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
     return [_decode_one(d, n) for n, d in chunk]
 
 
-def decode_all(
-    items: list[tuple[str, str, bytes]], where: str, threads: int | None = None
-) -> torch.Tensor:
+def decode_all(items: list[tuple[str, str, bytes]], where: str, threads: int | None = None) -> torch.Tensor:
     """Decode every image to RGB uint8 and stack them: [N, 3, H, W]. All images must have
     the same size (the small datasets: 32x32)."""
-    tensors = [
-        (name, torch.frombuffer(bytearray(data), dtype=torch.uint8)) for _, name, data in items
-    ]
+    tensors = [(name, torch.frombuffer(bytearray(data), dtype=torch.uint8)) for _, name, data in items]
     threads = threads or min(16, os.cpu_count() or 1)
     size = max(1, -(-len(tensors) // (threads * 4)))
     chunks = [tensors[i : i + size] for i in range(0, len(tensors), size)]
@@ -155,14 +149,9 @@ def decode_all(
         decoded = [img for part in pool.map(_decode_chunk, chunks) for img in part]
     shapes = {tuple(t.shape) for t in decoded}
     if len(shapes) != 1:
-        odd = next(
-            n
-            for (n, _), t in zip(tensors, decoded, strict=False)
-            if tuple(t.shape) != tuple(decoded[0].shape)
-        )
+        odd = next(n for (n, _), t in zip(tensors, decoded, strict=False) if tuple(t.shape) != tuple(decoded[0].shape))
         raise QbenchError(
-            f"images differ in size ({sorted(shapes)[:3]}...), e.g. {odd}; this dataset needs "
-            "images of one size",
+            f"images differ in size ({sorted(shapes)[:3]}...), e.g. {odd}; this dataset needs images of one size",
             where,
         )
     return torch.stack(decoded)

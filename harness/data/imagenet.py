@@ -135,9 +135,7 @@ def imagenet(
             raise QbenchError(f"{syn_path} does not exist", "imagenet.synsets")
         canonical = read_synsets(syn_path)
 
-    listed = {
-        s: list_folder(d) for s, d in (("train", train_dir), ("test", val_dir)) if d is not None
-    }
+    listed = {s: list_folder(d) for s, d in (("train", train_dir), ("test", val_dir)) if d is not None}
     for s, items in listed.items():
         if not items:
             raise QbenchError(
@@ -169,8 +167,7 @@ def imagenet(
         splits[s] = split
     if "train" not in splits:
         splits["train"] = MissingSplit(
-            "the ImageNet train split is missing: put train/<synset>/*.JPEG "
-            f"(or train.tar.gz) in {base}",
+            f"the ImageNet train split is missing: put train/<synset>/*.JPEG (or train.tar.gz) in {base}",
             "imagenet",
         )
     if "test" not in splits:

@@ -42,9 +42,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
-        raise QbenchError(
-            f"cannot read the IDX file ({type(e).__name__}: {e}); copy it again", str(path)
-        ) from None
+        raise QbenchError(f"cannot read the IDX file ({type(e).__name__}: {e}); copy it again", str(path)) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise QbenchError("not an IDX file of unsigned bytes (bad magic number)", str(path))
     ndim = raw[3]
@@ -91,9 +89,7 @@ def _download(root: Path) -> str:
 def _load_split(paths: tuple[Path, Path]) -> dict:
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise QbenchError(
-            f"images {images.shape} and labels {labels.shape} do not match", str(paths[0].parent)
-        )
+        raise QbenchError(f"images {images.shape} and labels {labels.shape} do not match", str(paths[0].parent))
     if labels.max(initial=0) > 9:
         raise QbenchError("labels outside 0..9", str(paths[1]))
     return {
@@ -115,11 +111,7 @@ def mnist(
 ) -> DataBundle:
     """MNIST, 28x28 grey, 60k/10k (IDX files; downloaded when online)."""
     base = Path(root).expanduser() if root else default_data_root()
-    dirs = (
-        [Path(path).expanduser()]
-        if path
-        else [base / "MNIST" / "raw", base / "mnist", base / "MNIST", base]
-    )
+    dirs = [Path(path).expanduser()] if path else [base / "MNIST" / "raw", base / "mnist", base / "MNIST", base]
     found = _locate(dirs)
     why = ""
     if download and not path and not all(found.values()):
@@ -143,9 +135,7 @@ def mnist(
                 "mnist",
             )
             continue
-        data = cached_tensors(
-            f"mnist-{split}", paths, lambda p=paths: _load_split(p), cache_dir, cache
-        )
+        data = cached_tensors(f"mnist-{split}", paths, lambda p=paths: _load_split(p), cache_dir, cache)
         ts = TensorSplit(data["images"], data["labels"], MEAN, STD)
         splits[split] = limited(ts, limit if split == "train" else (test_limit or limit))
     src = next(p for p in found.values() if p)[0].parent

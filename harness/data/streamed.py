@@ -71,9 +71,7 @@ def _center(h: int, w: int, size: int) -> tuple[int, int]:
     return max(0, (h - size) // 2), max(0, (w - size) // 2)
 
 
-def transform_uint8(
-    img: torch.Tensor, train: bool, seed: int, size: int, resize: int
-) -> torch.Tensor:
+def transform_uint8(img: torch.Tensor, train: bool, seed: int, size: int, resize: int) -> torch.Tensor:
     """CPU path: one decoded uint8 image [3, H, W] -> [3, size, size] uint8."""
     h, w = img.shape[-2:]
     if train:
@@ -87,9 +85,7 @@ def transform_uint8(
     return out[:, top : top + size, left : left + size]
 
 
-def transform_float(
-    img: torch.Tensor, train: bool, seed: int, size: int, resize: int
-) -> torch.Tensor:
+def transform_float(img: torch.Tensor, train: bool, seed: int, size: int, resize: int) -> torch.Tensor:
     """GPU path: the same geometry as :func:`transform_uint8` on a float image (0..255)."""
     h, w = img.shape[-2:]
     x = img.unsqueeze(0).float()
@@ -258,9 +254,7 @@ class ImageFileSplit:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels.to(device, non_blocking=True)
 
-    def _decode_gpu(
-        self, data: list[torch.Tensor], idx: list[int], device: torch.device
-    ) -> list[torch.Tensor]:
+    def _decode_gpu(self, data: list[torch.Tensor], idx: list[int], device: torch.device) -> list[torch.Tensor]:
         jpeg = [bytes(d[:2].tolist()) == b"\xff\xd8" for d in data]
         out: list[torch.Tensor | None] = [None] * len(data)
         js = [i for i, j in enumerate(jpeg) if j]

@@ -46,9 +46,7 @@ def create_model(
     **options,
 ) -> nn.Module:
     """Build the full-precision model ``name`` for a dataset's shape."""
-    return MODELS.get(name, where)(
-        num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options
-    )
+    return MODELS.get(name, where)(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **options)
 
 
 __all__ = ["MODELS", "create_model", "first_last_layers", "register_model"]

@@ -26,15 +26,11 @@ def mobilenet_v2(
     dropout: float = 0.2,
 ) -> nn.Module:
     """MobileNetV2, torchvision's (3.5M parameters); weights from a file or the hub cache."""
-    model = tvm.mobilenet_v2(
-        weights=None, num_classes=num_classes, width_mult=width_mult, dropout=dropout
-    )
+    model = tvm.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult, dropout=dropout)
     first = model.features[0][0]
     if in_channels != 3 or image_size < 64:
         stride = 1 if image_size < 64 else 2
-        model.features[0][0] = nn.Conv2d(
-            in_channels, first.out_channels, 3, stride=stride, padding=1, bias=False
-        )
+        model.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=stride, padding=1, bias=False)
         nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
     model.qbench_first_last = ("features.0.0", "classifier.1")
     return apply_weights(

@@ -112,11 +112,7 @@ def preact_resnet18(
 ) -> nn.Module:
     """Pre-activation ResNet-18 of EasyQuantization (PreBN, bacs), 11.7M parameters."""
     if stem not in ("auto", "imagenet", "cifar"):
-        raise QbenchError(
-            f"stem must be auto, imagenet or cifar, got {stem!r}", "preact_resnet18.stem"
-        )
+        raise QbenchError(f"stem must be auto, imagenet or cifar, got {stem!r}", "preact_resnet18.stem")
     cifar = stem == "cifar" or (stem == "auto" and image_size < 64)
     model = PreActResNet([2, 2, 2, 2], num_classes, in_channels, cifar)
-    return apply_weights(
-        model, weights, None, "preact_resnet18.weights", may_differ=("fc.", "conv1.")
-    )
+    return apply_weights(model, weights, None, "preact_resnet18.weights", may_differ=("fc.", "conv1."))

@@ -22,9 +22,7 @@ from .weights import apply_weights
 STEMS = ("auto", "imagenet", "cifar")
 
 
-def build(
-    arch: str, num_classes: int, in_channels: int, image_size: int, weights: str | None, stem: str
-) -> nn.Module:
+def build(arch: str, num_classes: int, in_channels: int, image_size: int, weights: str | None, stem: str) -> nn.Module:
     if stem not in STEMS:
         raise QbenchError(f"stem must be one of {STEMS}, got {stem!r}", f"{arch}.stem")
     builder = getattr(tvm, arch)

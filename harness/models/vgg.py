@@ -29,9 +29,7 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
 class VGG7(nn.Module):
     qbench_first_last = ("features.0", "classifier.3")
 
-    def __init__(
-        self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 128
-    ):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 128):
         super().__init__()
         w = width
         side = image_size // 8
@@ -54,8 +52,6 @@ class VGG7(nn.Module):
 
 
 @register_model("vgg7")
-def vgg7(
-    num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 128
-) -> nn.Module:
+def vgg7(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 128) -> nn.Module:
     """VGG-7 / VGG-small of Bayesian Bits (CIFAR): 2x128C3-MP2-2x256C3-MP2-2x512C3-MP2-1024FC."""
     return VGG7(num_classes, in_channels, image_size, width)

@@ -39,9 +39,7 @@ def read_state_dict(path: str | Path, where: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise QbenchError(
-            f"cannot load weights file {p} ({type(e).__name__}: {e})", where
-        ) from None
+        raise QbenchError(f"cannot load weights file {p} ({type(e).__name__}: {e})", where) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -60,17 +58,13 @@ def torchvision_state_dict(builder, spec: str, where: str) -> dict[str, torch.Te
         w = enum.DEFAULT if spec.upper() == "DEFAULT" else enum[spec.upper()]
     except KeyError:
         names = ", ".join(["DEFAULT", *(m.name for m in enum)])
-        raise QbenchError(
-            f"unknown weights {spec!r}; torchvision has {names}, or give a file path", where
-        ) from None
+        raise QbenchError(f"unknown weights {spec!r}; torchvision has {names}, or give a file path", where) from None
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     cached = folder / Path(w.url).name
     if cached.is_file():
         return read_state_dict(cached, where)
     try:
-        return torch.hub.load_state_dict_from_url(
-            w.url, progress=False, check_hash=True, weights_only=True
-        )
+        return torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True, weights_only=True)
     except Exception as e:
         why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         raise QbenchError(
@@ -112,9 +106,7 @@ def load_weights(
     return skipped
 
 
-def apply_weights(
-    model: nn.Module, weights: str | None, builder, where: str, may_differ: tuple[str, ...]
-) -> nn.Module:
+def apply_weights(model: nn.Module, weights: str | None, builder, where: str, may_differ: tuple[str, ...]) -> nn.Module:
     """Load ``weights`` (a path, a torchvision weights name, or None) into ``model``."""
     if not weights:
         return model
