@@ -78,6 +78,8 @@ class Method:
     weight_bits: ClassVar[tuple[int, ...]] = tuple(range(1, 33))
     act_bits: ClassVar[tuple[int, ...]] = tuple(range(1, 33))
     Options: ClassVar[type[BaseModel]] = NoOptions
+    #: part of every cell id: bump it when the method's maths change, so its cells run again
+    version: ClassVar[int] = 1
 
     def __init__(self, w_bits: int = 32, a_bits: int = 32, **options: Any):
         self.w_bits = int(w_bits)
