@@ -128,9 +128,9 @@ def environment(device) -> dict:
 
 def _build(cfg: BenchConfig, method_name: str, w: int, a: int, device, example):
     """The model under ``method`` on ``device``, calibrated on the example batch, with the
-    runner's optimizer; returns (model, method, optimizer)."""
+    runner's optimizer; returns (model, method, optimizer, recipe)."""
     import torch
-    from qbench.methods import MethodContext, get_method
+    from qbench.methods import MethodContext, Recipe, get_method
 
     from .models import create_model
     from .train import default_param_groups, make_optimizer
@@ -143,7 +143,17 @@ def _build(cfg: BenchConfig, method_name: str, w: int, a: int, device, example):
         **cfg.model_options,
     )
     method = get_method(method_name)(w, a, **(cfg.method_options if method_name != "fp32" else {}))
-    recipe = {"calib_batches": 1, "batch_size": cfg.batch_size, "lr": cfg.lr, "epochs": 1}
+    recipe = Recipe(
+        calib_batches=1,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        epochs=1,
+        weight_decay=5e-5,
+        momentum=0.9,
+        nesterov=True,
+        amp=cfg.amp,
+        channels_last=cfg.channels_last,
+    )
     ctx = MethodContext(device=device, recipe=recipe, calib_batches=lambda: iter([example]))
     model = method.prepare(model, ctx)
     model.to(device)
@@ -151,30 +161,24 @@ def _build(cfg: BenchConfig, method_name: str, w: int, a: int, device, example):
         model.to(memory_format=torch.channels_last)
     method.calibrate(model, ctx)
     model.train()
-    groups = method.param_groups(model, recipe) or default_param_groups(model, 5e-5, "weights")
-    opt = make_optimizer(groups, {"optimizer": "sgd", "lr": cfg.lr, "momentum": 0.9, "nesterov": True})
-    return model, method, opt
+    groups = method.param_groups(model, recipe) or default_param_groups(model, recipe.weight_decay, recipe.wd_on)
+    opt = make_optimizer(groups, recipe)
+    return model, method, opt, recipe
 
 
-def _step_fn(model, fwd: Callable, method, opt, device, amp: bool):
-    import torch.nn.functional as F
+def _step_fn(model, fwd: Callable, method, opt, recipe, device):
+    """The runner's training step (:func:`qbench.harness.train.make_train_step`) followed by
+    the method's per-step hook, as one call."""
+    from .train import make_train_step
 
-    from .train import autocast
-
+    train_step = make_train_step(model, opt, recipe, device, method.extra_loss, forward=fwd)
     counter = {"step": 0}
 
     def step(x, y):
-        with autocast(device, amp):
-            out = fwd(x)
-            loss = F.cross_entropy(out.float(), y)
-            extra = method.extra_loss(model)
-            total = loss + extra if extra is not None else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        loss, _ = train_step(x, y)
         counter["step"] += 1
         method.on_step(model, counter["step"])
-        return loss.detach()
+        return loss
 
     return step
 
@@ -276,13 +280,13 @@ def run_bench(cfg: BenchConfig, device, log: Callable[[str], None] = lambda s: N
             log(f"{label} ({mode}) ...")
             model = opt = step = None
             try:
-                model, method, opt = _build(cfg, name, w, a, device, (x, y))
+                model, method, opt, recipe = _build(cfg, name, w, a, device, (x, y))
                 if mode == "compiled":
                     torch._dynamo.reset()
                     fwd = torch.compile(model, backend=cfg.compile_backend)
                 else:
                     fwd = model
-                step = _step_fn(model, fwd, method, opt, device, cfg.amp and device.type == "cuda")
+                step = _step_fn(model, fwd, method, opt, recipe, device)
                 t0 = time.perf_counter()
                 for _ in range(cfg.warmup):
                     step(x, y)

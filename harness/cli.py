@@ -56,9 +56,9 @@ def list_cmd(what: str) -> None:
     if what == "methods":
         from qbench.methods import METHODS
 
-        for name, cls in METHODS.items():
+        for name, cls in METHODS.items():  # a plugin that fails to import: one warning line
             paper = cls.paper.cite() if cls.paper and cls.paper.year else "-"
-            click.echo(f"{name:14s} {paper}")
+            click.echo(f"{name:14s} v{cls.version}  {paper}")
     elif what == "models":
         from .models import MODELS
 
@@ -71,6 +71,12 @@ def list_cmd(what: str) -> None:
         for name, fn in DATASETS.items():
             doc = (fn.__doc__ or "").strip().splitlines()
             click.echo(f"{name:18s} {doc[0] if doc else ''}")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
 def _ctx(out: str, tracking_uri: str | None, data_root: str | None, force: bool = False):
@@ -90,6 +96,18 @@ def _statuses(suite, ctx) -> dict:
     return {cid: rec for cid, rec in ctx.tracker().runs().items()}
 
 
+def _status(rec) -> str:
+    """done, failed, pending, running (a live process works on it) or killed (its process
+    on this machine is gone: the next run resumes it)."""
+    if rec is None:
+        return "pending"
+    if rec.status == "running":
+        from .tracking import process_alive
+
+        return "killed" if process_alive(rec.tags) is False else "running"
+    return rec.status
+
+
 @cli.command()
 @click.argument("suite", required=False, type=click.Path(dir_okay=False))
 @out_option
@@ -106,21 +124,34 @@ def _statuses(suite, ctx) -> dict:
 @click.option("--no-leaderboard", is_flag=True, help="Do not rebuild the leaderboard site at the end.")
 def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderboard) -> None:
     """Run SUITE (default: suites/smoke.yaml, the embedded digits suite)."""
+    from .plan import check_devices, cpu_warning, estimate, human
     from .suite import load_suite
 
     s = load_suite(suite or DEFAULT_SUITE)  # validates everything before anything runs
+    device_list = check_devices(devices.split(",")) if devices else None
     ctx = _ctx(out, tracking_uri, data_root, force)
+    status = _statuses(s, ctx)
+    pending = [c for c in s.cells if force or _status(status.get(c.id)) != "done"]
     if dry_run:
-        status = _statuses(s, ctx)
-        click.echo(f"suite {s.name}: {len(s.cells)} cells (parents first)")
+        dev = (device_list or ["cuda:0" if torch_cuda() else "cpu"])[0]
+        click.echo(
+            f"suite {s.name}: {len(s.cells)} cells (parents first); estimating on {dev} from one timed step each"
+        )
+        est = estimate(pending, data_root, dev)  # loads each dataset: a missing one is an error here
         for c in s.cells:
-            rec = status.get(c.id)
-            st = rec.status if rec else "pending"
-            action = "skip (done)" if st == "done" and not force else "run"
+            st = _status(status.get(c.id))
+            action = "skip (done)" if c not in pending else ("resume" if st in ("killed", "running") else "run")
             parent = f" <- {c.parent}" if c.parent else ""
             epochs = c.recipe["epochs"] if c.recipe["train"] else 0
-            click.echo(f"  {c.id}  {action:11s} {c.label}  epochs={epochs}{parent}")
+            t = f"~{human(est[c.id].seconds)}" if c.id in est else ""
+            click.echo(f"  {c.id}  {action:11s} {c.label}  epochs={epochs} {t}{parent}")
+        total = sum(e.seconds for e in est.values())
+        click.echo(f"{len(pending)} cells to run, about {human(total)} on one {dev} (one timed step per configuration)")
         return
+    if pending and (device_list or ["cuda:0" if torch_cuda() else "cpu"])[0] == "cpu":
+        warning = cpu_warning(pending, data_root)
+        if warning:
+            click.echo(f"qbench: warning: {warning}", err=True)
     from .executor import LocalExecutor
     from .progress import Reporter
     from .report import print_results
@@ -128,7 +159,7 @@ def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderb
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(len(s.cells))
     try:
-        results = LocalExecutor(devices.split(",") if devices else None).run(s.cells, ctx, reporter)
+        results = LocalExecutor(device_list).run(s.cells, ctx, reporter)
     finally:
         reporter.close()
     print_results(s, results)
@@ -161,7 +192,7 @@ def show(suite, out, tracking_uri) -> None:
     click.echo(f"  {'cell id':16s}  {'status':8s} {'dataset':10s} {'model':16s} {'method':10s} {'bits':6s} seed  top-1")
     for c in s.cells:
         rec = status.get(c.id)
-        st = rec.status if rec else "pending"
+        st = _status(rec)
         top1 = f"{rec.metrics['top1']:.2f}" if rec and "top1" in rec.metrics else ""
         click.echo(
             f"  {c.id:16s}  {st:8s} {c.dataset:10s} {c.model:16s} {c.method:10s} {c.bits_label:6s} {c.seed:4d}  {top1}"

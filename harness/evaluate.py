@@ -4,7 +4,7 @@ The checkpoint is either qbench's own (a run's ``checkpoint/model.pt``, a state_
 the model prepared by the method) or a paper's released file, which the method imports
 when it has an importer (``Method.import_checkpoint(obj, model, where)``, e.g. APoT's
 official CIFAR-10 models: a dict with ``state_dict`` and ``module.``-prefixed keys).
-Files are read with ``torch.load(weights_only=True)``.
+Files are read with ``torch.load(weights_only=True)``; one that carries code is refused.
 
 The run goes to MLflow under the suite name given by ``--suite`` (default ``imported``)
 with qbench's schema: an evaluation-only cell (``recipe.train: false``) whose identity
@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import click
+from qbench.methods.recipe import Recipe
 
 from .errors import QbenchError
-from .suite import Cell, Recipe, parse_bits, parse_option_pairs
+from .suite import Cell, parse_bits, parse_option_pairs
 
 
 @dataclass(frozen=True)
@@ -50,22 +51,15 @@ def sha256(path: Path) -> str:
 
 
 def read_checkpoint(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU; a missing, corrupt or unsafe file is a
+    """The checkpoint's contents, read safely (:func:`qbench.harness.models.weights.safe_load`:
+    tensors and containers only); a missing, corrupt or code-carrying file is a
     :class:`QbenchError` naming it."""
-    import torch
+    from .models.weights import safe_load
 
     p = Path(path)
     if not p.is_file():
         raise QbenchError("checkpoint file not found", str(p))
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, forbidden global...
-        msg = " ".join(str(e).split())[:300]
-        raise QbenchError(
-            f"cannot read the checkpoint ({type(e).__name__}: {msg}); it must be a PyTorch file "
-            "loadable with weights_only=True",
-            str(p),
-        ) from None
+    return safe_load(p, str(p))
 
 
 def _looks_foreign(obj: Any) -> bool:
@@ -79,14 +73,12 @@ def _looks_foreign(obj: Any) -> bool:
 def load_into(model, method, obj: Any, fmt: str, where: str) -> str:
     """Load ``obj`` into the prepared ``model``; returns the format used."""
     import torch
+    from qbench.methods import has_importer
 
-    importer = getattr(method, "import_checkpoint", None)
     if fmt == "auto":
-        fmt = "official" if importer is not None and _looks_foreign(obj) else "qbench"
+        fmt = "official" if has_importer(method) and _looks_foreign(obj) else "qbench"
     if fmt == "official":
-        if importer is None:
-            raise QbenchError(f"method {method.name!r} has no importer for released checkpoints", where)
-        importer(obj, model, where)
+        method.import_checkpoint(obj, model, where)
         return fmt
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise QbenchError("expected a qbench state_dict (a run's checkpoint/model.pt)", where)
@@ -133,7 +125,7 @@ def evaluate_checkpoint(
 
     from .data import load_dataset
     from .models import create_model
-    from .train import evaluate
+    from .runner import measure, record
 
     t0 = time.perf_counter()
     path = Path(checkpoint)
@@ -161,29 +153,15 @@ def evaluate_checkpoint(
         where="--model",
         **(model_options or {}),
     )
-    recipe = Recipe(train=False, eval_batch_size=batch_size, amp=False, channels_last=False).model_dump()
+    recipe = Recipe(train=False, eval_batch_size=batch_size, amp=False, channels_last=False)
     ctx = MethodContext(
         device=dev,
         recipe=recipe,
-        calib_batches=lambda: data.train.batches(recipe["batch_size"], train=False, device=dev),
+        calib_batches=lambda: data.train.batches(recipe.batch_size, train=False, device=dev),
     )
     net = m.prepare(net, ctx)
     used = load_into(net, m, obj, fmt, str(path))
-    net = m.finalize(net).to(dev)
-    result = evaluate(net, data.splits[split], recipe, dev)
-    example = next(iter(data.splits[split].batches(1, train=False, device=dev)))[0]
-    fp = m.footprint(net, example)
-    metrics = {
-        "top1": result.top1,
-        "top5": result.top5,
-        "test_loss": result.loss,
-        "n_images": float(result.n),
-        "size_bytes": fp.total_bytes,
-        "fp32_bytes": fp.fp32_bytes,
-        "compression_ratio": fp.compression_ratio,
-        "bops": float(fp.bops),
-        "bit_audit_ok": float(fp.audit_ok),
-    }
+    net, metrics, fp = measure(net.to(dev), m, data, split, recipe, dev)
     if not track:
         metrics["wall_time_s"] = time.perf_counter() - t0
         return metrics
@@ -198,14 +176,16 @@ def evaluate_checkpoint(
         w_bits=b.w,
         a_bits=b.a,
         seed=0,
-        recipe=recipe,
+        recipe=recipe.model_dump(),
         dataset_options=dict(dataset_options or {}),
         model_options=dict(model_options or {}),
-        options=dict(options or {}),
+        options=m.options.model_dump(mode="json"),
+        method_version=method_cls.version,
         comment=comment or f"evaluated from {path.name} ({used} format, {split} split)",
         checkpoint_sha256=digest,
         checkpoint_path=str(path.resolve()),
     )
+    cell = replace(cell, group=cell.group_of(None))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(tracking_uri or default_uri(out), out / "mlartifacts")
@@ -220,12 +200,7 @@ def evaluate_checkpoint(
             },
         )
         metrics["wall_time_s"] = time.perf_counter() - t0
-        tracker.log_metrics(run_id, metrics)
-        tracker.log_json(run_id, "footprint.json", fp.to_dict())
-        cdir = out / "cells" / cell.id
-        cdir.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, cdir / "model.pt")
-        tracker.log_file(run_id, cdir / "model.pt", "checkpoint")
+        record(tracker, run_id, metrics, fp, net, out / "cells" / cell.id)
     except BaseException as e:
         tracker.finish(run_id, "failed", f"{type(e).__name__}: {e}")
         raise

@@ -4,18 +4,18 @@ An :class:`Executor` takes the plan (cells, parents first) and returns one
 :class:`CellResult` per cell, never raising for a failing cell. A child whose parent
 failed is recorded as failed without running. :class:`LocalExecutor` runs on this
 machine: in this process on the CPU or a single GPU, or one worker process per visible
-GPU. Ray and Slurm (submitit) executors implement the same interface.
+GPU.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 from abc import ABC, abstractmethod
 
 import torch
 
+from .plan import cpu_threads
 from .progress import Reporter
 from .runner import CellResult, RunContext, run_cell
 from .suite import Cell
@@ -46,10 +46,8 @@ class LocalExecutor(Executor):
         runs = ctx.tracker().runs()
         if len(self.devices) == 1:
             ctx.device = self.devices[0]
-            if ctx.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-                # The papers' small CPU-sized models (digits, MNIST) run faster on one
-                # thread than on two busy ones; OMP_NUM_THREADS overrides.
-                torch.set_num_threads(1)
+            if ctx.device == "cpu":
+                cpu_threads()
             results: dict[str, CellResult] = {}
             for cell in cells:
                 reporter.cell_start(cell.label)

@@ -17,12 +17,18 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from qbench.methods import Method, MethodContext, get_method
+from qbench.methods.recipe import Recipe
 
 from .errors import QbenchError
+from .fit import CellState, Trainer, cpu_state
+from .models.weights import safe_load
 from .suite import Cell
 from .tracking import RunRecord, Tracker
+from .train import evaluate, seed_everything
 
 Report = Callable[..., None]
 
@@ -65,17 +71,6 @@ def _dataset(cell: Cell, ctx: RunContext):
     return _DATA_CACHE[key]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _cpu_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
 def parent_state(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict[str, RunRecord]) -> dict:
     """The parent's final weights: from this output folder, else from its MLflow run."""
     local = ctx.cell_dir(cell.parent) / "model.pt"
@@ -84,7 +79,7 @@ def parent_state(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict[str, 
         if rec is None or rec.status != "done":
             raise QbenchError(f"parent cell {cell.parent} has not finished", cell.label)
         local = tracker.download(rec.run_id, "checkpoint/model.pt", ctx.cell_dir(cell.parent))
-    return torch.load(local, map_location="cpu", weights_only=True)
+    return safe_load(local, cell.label)
 
 
 def run_cell(
@@ -101,8 +96,8 @@ def run_cell(
     resume_id = None
     if existing and (ctx.force or existing.status == "failed"):
         tracker.delete(existing.run_id)  # one run per cell: the new attempt replaces it
-        for f in ("last.pt", "model.pt"):
-            (cdir / f).unlink(missing_ok=True)
+        CellState(cdir).clear()
+        (cdir / "model.pt").unlink(missing_ok=True)
     elif existing:
         resume_id = existing.run_id  # killed mid-run: reopen it and resume from last.pt
     run_id = tracker.start(cell, resume_id)
@@ -124,14 +119,26 @@ def run_cell(
     return CellResult(cell.id, cell.label, "done", metrics, run_id=run_id)
 
 
-def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> dict:
-    from qbench.methods import MethodContext, get_method
+@dataclass
+class Built:
+    """A cell ready to train: its data, prepared model, method and the method's context."""
+
+    data: Any
+    model: torch.nn.Module
+    method: Method
+    mctx: MethodContext
+    trainer: Trainer
+    progressive: bool
+
+
+def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> Built:
+    """Data, the full-precision model (parent weights loaded), the method's prepared model
+    and its context: everything the cell's training needs, on the cell's device."""
+    import copy
 
     from .models import create_model
-    from .train import default_param_groups, evaluate, make_optimizer, make_scheduler, seed_everything, train_epoch
 
-    t0 = time.perf_counter()
-    r = cell.recipe
+    r = cell.typed_recipe
     device = torch.device(ctx.device)
     generator = seed_everything(cell.seed)
     data = _dataset(cell, ctx)
@@ -144,123 +151,103 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
     )
     method = get_method(cell.method)(cell.w_bits, cell.a_bits, **cell.options)
     parent = parent_state(cell, ctx, tracker, runs) if cell.parent else None
-    if parent is not None and cell.parent_method == "fp32":
-        model.load_state_dict(parent)
-    teacher = None
+    from_fp = parent is not None and cell.parent_method == "fp32"
+    if from_fp:
+        method.load_parent(model, parent, "fp32")
+    state = CellState(ctx.cell_dir(cell.id))
+
+    def log(metrics, step=None):
+        tracker.log_metrics(run_id, dict(metrics), step=step)
+
+    trainer = Trainer(data, method, r, device, generator, state, log, report)
     mctx = MethodContext(
         device=device,
         recipe=r,
-        cell=cell,
-        calib_batches=lambda: data.train.batches(r["batch_size"], train=False, device=device),
+        calib_batches=lambda: data.train.batches(r.batch_size, train=False, device=device),
+        train_batches=lambda: data.train.batches(
+            r.batch_size, train=True, device=device, generator=generator, drop_last=True
+        ),
+        teacher=copy.deepcopy(model).to(device).eval() if from_fp and method.needs_teacher else None,
+        log=log,
+        evaluate=lambda m: evaluate(m, data.test, r, device).as_dict(),
+        fit=trainer.fit,
+        save_state=lambda obj: state.save("method_state", obj),
+        load_state=lambda: state.load("method_state"),
+        seed=cell.seed,
+        cell_id=cell.id,
     )
-    if parent is not None and cell.parent_method == "fp32" and getattr(method, "needs_teacher", False):
-        import copy
-
-        teacher = copy.deepcopy(model).to(device).eval()
-        mctx.teacher = teacher
     model = method.prepare(model, mctx)
-    if parent is not None and cell.parent_method != "fp32":
+    progressive = parent is not None and not from_fp
+    if progressive:
         method.load_parent(model, parent, cell.parent_method)
     model.to(device)
-    if device.type == "cuda" and r["channels_last"]:
+    if device.type == "cuda" and r.channels_last:
         model.to(memory_format=torch.channels_last)
+    return Built(data, model, method, mctx, trainer, progressive)
 
-    cdir = ctx.cell_dir(cell.id)
-    last = cdir / "last.pt"
-    state = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
-    has_val = data.val is not None
-    history: dict = {"best_test": -1.0, "best_epoch": -1, "best_val": -1.0, "test_at_best_val": None, "elapsed": 0.0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        history.update(state["history"])
-    elif not (parent is not None and cell.parent_method == cell.method):
-        method.calibrate(model, mctx)
-    before = history["elapsed"]  # epoch time spent by earlier, killed attempts
 
-    epochs = r["epochs"] if r["train"] else 0
-    if epochs and not method.train(model, mctx):
-        groups = method.param_groups(model, r) or default_param_groups(model, r["weight_decay"], r["wd_on"])
-        opt = make_optimizer(groups, r)
-        steps = max(1, len(data.train) // r["batch_size"])
-        sched = make_scheduler(opt, r, steps)
-        start = 0
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            start = int(state["epoch"])
-        forward = torch.compile(model) if (r["compile"] and device.type == "cuda") else model
-        report("cell_epochs", total=epochs, done=start)
-        for epoch in range(start, epochs):
-            e0 = time.perf_counter()
-            loss, acc, _ = train_epoch(
-                model,
-                data.train,
-                opt,
-                sched,
-                r,
-                device,
-                generator,
-                method.extra_loss,
-                method.on_step,
-                epoch * steps,
-                forward,
-            )
-            m = {"train_loss": loss, "train_top1": acc, "lr": opt.param_groups[0]["lr"]}
-            if (epoch + 1) % r["eval_every"] == 0 or epoch + 1 == epochs:
-                test = evaluate(forward, data.test, r, device)
-                m.update(test_top1=test.top1, test_loss=test.loss)
-                if test.top1 > history["best_test"]:
-                    history["best_test"], history["best_epoch"] = test.top1, epoch + 1
-                if has_val:
-                    val = evaluate(forward, data.val, r, device)
-                    m["val_top1"] = val.top1
-                    if val.top1 > history["best_val"]:
-                        history["best_val"], history["test_at_best_val"] = val.top1, test.top1
-            m["epoch_time_s"] = time.perf_counter() - e0
-            tracker.log_metrics(run_id, m, step=epoch + 1)
-            history["elapsed"] += time.perf_counter() - e0
-            _atomic_save(
-                {
-                    "model": _cpu_state(model),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1,
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                },
-                last,
-            )
-            report("epoch", epoch=epoch + 1, total=epochs, metrics=m)
+def fit_cell(b: Built) -> dict:
+    """Calibrate (a fresh start from the full-precision parent), then train: the method's
+    own phase when it owns one, else the runner's loop. Returns the last stage's history."""
+    resuming = b.trainer.state.exists() or b.trainer.state.load("method_state") is not None
+    if not resuming and not b.progressive:
+        b.method.calibrate(b.model, b.mctx)
+    r = b.mctx.recipe
+    if r.train and not b.method.train(b.model, b.mctx):
+        b.trainer.fit(b.model)
+    return list(b.trainer.histories.values())[-1] if b.trainer.histories else {}
 
+
+def measure(model: torch.nn.Module, method: Method, data, split: str, r: Recipe, device: torch.device):
+    """Finalize, then the numbers a run reports: top-1/top-5/loss on ``split`` (and the
+    validation split's top-1 where there is one), size, compression, BOPs, bit audit.
+    Returns (final model, metrics, footprint)."""
     model = method.finalize(model)
-    final = evaluate(model, data.test, r, device)
-    example = next(iter(data.test.batches(1, train=False, device=device)))[0]
+    result = evaluate(model, data.splits[split], r, device)
+    example = next(iter(data.splits[split].batches(1, train=False, device=device)))[0]
     fp = method.footprint(model, example)
     metrics = {
-        "top1": final.top1,
-        "top5": final.top5,
-        "test_loss": final.loss,
+        "top1": result.top1,
+        "top5": result.top5,
+        "test_loss": result.loss,
+        "n_images": float(result.n),
         "size_bytes": fp.total_bytes,
         "fp32_bytes": fp.fp32_bytes,
         "compression_ratio": fp.compression_ratio,
         "bops": float(fp.bops),
         "bit_audit_ok": float(fp.audit_ok),
-        "wall_time_s": before + (time.perf_counter() - t0),
     }
-    if history["best_epoch"] > 0:
-        metrics["best_top1_selected_on_test"] = history["best_test"]
-        metrics["best_epoch"] = history["best_epoch"]
-    if has_val:
+    if split == "test" and data.val is not None:
         metrics["val_top1"] = evaluate(model, data.val, r, device).top1
-        if history["test_at_best_val"] is not None:
-            metrics["test_top1_at_best_val"] = history["test_at_best_val"]
+    return model, metrics, fp
+
+
+def record(tracker: Tracker, run_id: str, metrics: dict, fp, model: torch.nn.Module, cdir: Path) -> None:
+    """Log the final metrics, ``footprint.json`` and ``checkpoint/model.pt`` (a state_dict
+    that loads with ``weights_only=True``)."""
     tracker.log_metrics(run_id, metrics)
     tracker.log_json(run_id, "footprint.json", fp.to_dict())
-    final_path = cdir / "model.pt"
-    _atomic_save(_cpu_state(model), final_path)
-    tracker.log_file(run_id, final_path, "checkpoint")
-    last.unlink(missing_ok=True)
+    final = cdir / "model.pt"
+    CellState(cdir).folder.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_suffix(".pt.tmp")
+    torch.save(cpu_state(model), tmp)
+    os.replace(tmp, final)
+    tracker.log_file(run_id, final, "checkpoint")
+
+
+def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> dict:
+    t0 = time.perf_counter()
+    b = build(cell, ctx, tracker, runs, run_id, report)
+    before = b.trainer.elapsed_before()  # training time of earlier, killed attempts
+    history = fit_cell(b)
+    model, metrics, fp = measure(b.model, b.method, b.data, "test", b.mctx.recipe, b.mctx.device)
+    metrics["wall_time_s"] = before + (time.perf_counter() - t0)
+    if history.get("best_epoch", -1) > 0:
+        metrics["best_top1_selected_on_test"] = history["best_test"]
+        metrics["best_epoch"] = history["best_epoch"]
+    if history.get("test_at_best_val") is not None:
+        metrics["test_top1_at_best_val"] = history["test_at_best_val"]
+    cdir = ctx.cell_dir(cell.id)
+    record(tracker, run_id, metrics, fp, model, cdir)
+    b.trainer.state.clear()
     return metrics

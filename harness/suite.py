@@ -18,7 +18,7 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,43 +28,14 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
     ValidationError,
     field_validator,
 )
+from qbench.methods.recipe import Recipe
 
 from .errors import QbenchError
 
 _STRICT = ConfigDict(extra="forbid")
-
-
-class Recipe(BaseModel):
-    """How a cell trains (or calibrates) and evaluates."""
-
-    model_config = _STRICT
-    train: bool = True  # false: no training phase (post-training quantization, evaluation)
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 128
-    eval_batch_size: PositiveInt = 512
-    eval_every: PositiveInt = 1  # evaluate on the test (and val) split every N epochs and at the end
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: PositiveFloat = 0.1
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: NonNegativeFloat = 5e-4
-    wd_on: Literal["weights", "all"] = "weights"
-    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
-    milestones: list[PositiveInt] = []
-    gamma: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: NonNegativeInt = 0
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    calib_batches: NonNegativeInt = 4
-    amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
-    compile: bool = False  # torch.compile on CUDA
-    grad_clip: PositiveFloat | None = None
 
 
 _BITS = re.compile(r"^W(\d+)A(\d+)$")
@@ -174,15 +145,22 @@ class Cell:
     parent_method: str | None = None
     comment: str = ""
     tolerance: float = 0.5
+    method_version: int = 1
+    #: the seed-independent configuration: cells that differ only in their seed (and their
+    #: parents' seeds) share it; the leaderboard averages over a group
+    group: str = ""
 
     def identity(self) -> dict:
-        """Everything that determines the result (not the suite name or comments)."""
+        """Everything that determines the result (not the suite name or comments): the
+        options are the method's validated options with their defaults filled in, and the
+        method's ``version`` is part of it."""
         return {
             "dataset": self.dataset,
             "dataset_options": self.dataset_options,
             "model": self.model,
             "model_options": self.model_options,
             "method": self.method,
+            "method_version": self.method_version,
             "options": self.options,
             "w_bits": self.w_bits,
             "a_bits": self.a_bits,
@@ -193,8 +171,16 @@ class Cell:
 
     @property
     def id(self) -> str:
-        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _digest(self.identity(), 16)
+
+    def group_of(self, parent_group: str | None) -> str:
+        """This cell's group given its parent's group (see ``group``)."""
+        ident = {k: v for k, v in self.identity().items() if k not in ("seed", "parent")}
+        return _digest({**ident, "parent_group": parent_group}, 12)
+
+    @property
+    def typed_recipe(self) -> Recipe:
+        return Recipe(**self.recipe)
 
     @property
     def bits_label(self) -> str:
@@ -212,7 +198,13 @@ class Cell:
             "parent_method": self.parent_method,
             "comment": self.comment,
             "tolerance": self.tolerance,
+            "group": self.group,
         }
+
+
+def _digest(obj: dict, n: int) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
 @dataclass
@@ -247,9 +239,36 @@ def _recipe(partial: dict, where: str) -> None:
         err = e.errors()[0]
         if err["type"] == "extra_forbidden":
             raise QbenchError(_unknown_key(str(err["loc"][-1])), f"{where}.{_loc(err['loc'])}") from None
-        raise QbenchError(f"{err['msg']} (got {err.get('input')!r})", f"{where}.{_loc(err['loc'])}") from None
+        raise QbenchError(f"{_msg(err)} (got {err.get('input')!r})", f"{where}.{_loc(err['loc'])}") from None
     except TypeError as e:
         raise QbenchError(str(e), where) from None
+
+
+def _msg(err: dict) -> str:
+    """Pydantic's message without its "Value error, " / "Assertion failed, " prefix."""
+    msg = str(err.get("msg", ""))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
+def validate_options(cls, options: dict, where: str) -> dict:
+    """A method's options validated by its ``Options`` model, returned with every default
+    filled in (so ``{}`` and the defaults written out are the same cell)."""
+    try:
+        return cls.Options(**options).model_dump(mode="json")
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            close = difflib.get_close_matches(key, list(cls.Options.model_fields), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(cls.Options.model_fields) or "none"
+            raise QbenchError(
+                f"unknown option{hint}; {cls.name} options: {known}", f"{where}.{_loc(err['loc'])}"
+            ) from None
+        raise QbenchError(f"{_msg(err)} (got {err.get('input')!r})", f"{where}.{_loc(err['loc'])}") from None
 
 
 _FILE_KEYS = {"weights", "checkpoint", "path", "file", "init_checkpoint"}
@@ -286,7 +305,7 @@ def load_suite(path: str | Path) -> Suite:
     except ValidationError as e:
         errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")  # unknown keys first
         err = errs[0]
-        msg = err["msg"]
+        msg = _msg(err)
         if err["type"] == "extra_forbidden":
             msg = _unknown_key(str(err["loc"][-1]))
         elif err["type"] == "missing":
@@ -340,8 +359,11 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
     cells: dict[str, Cell] = {}
 
     def add(cell: Cell) -> Cell:
-        cells.setdefault(cell.id, cell)
-        return cell
+        parent_group = cells[cell.parent].group if cell.parent else None
+        cell = replace(cell, group=cell.group_of(parent_group))
+        return cells.setdefault(cell.id, cell)
+
+    fp32 = get_method("fp32")
 
     for i, exp in enumerate(spec.experiments):
         ew = f"{f}: experiments[{i}]"
@@ -354,6 +376,7 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
             MODELS.get(m, f"{ew}.model")
         dopts = _check_files(_merge(spec.defaults.dataset_options, exp.dataset_options), base, f"{ew}.dataset_options")
         mopts = _check_files(_merge(spec.defaults.model_options, exp.model_options), base, f"{ew}.model_options")
+        base_opts = validate_options(fp32, exp.baseline.options, f"{ew}.baseline.options")
         entries = []
         for j, entry in enumerate(exp.methods):
             mw = f"{ew}.methods[{j}]"
@@ -374,13 +397,7 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
                         f"{label!r} is not one of this entry's bits {sorted(labels)}", f"{mw}.bit_recipes"
                     )
                 _recipe(partial, f"{mw}.bit_recipes.{label}")
-            try:
-                cls.Options(**entry.options)
-            except ValidationError as e:
-                err = e.errors()[0]
-                msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-                raise QbenchError(msg, f"{mw}.options.{_loc(err['loc'])}") from None
-            opts = _check_files(entry.options, base, f"{mw}.options")
+            opts = _check_files(validate_options(cls, entry.options, f"{mw}.options"), base, f"{mw}.options")
             entries.append((entry, cls, opts))
         for d in datasets:
             for m in models:
@@ -403,7 +420,8 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
                             a_bits=32,
                             seed=s,
                             recipe=r,
-                            options=exp.baseline.options,
+                            options=base_opts,
+                            method_version=fp32.version,
                             comment=exp.baseline.comment or exp.comment,
                             **common,
                         )
@@ -421,7 +439,8 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
                                     a_bits=32,
                                     seed=s,
                                     recipe=r,
-                                    options=exp.baseline.options,
+                                    options=base_opts,
+                                    method_version=fp32.version,
                                     **common,
                                 )
                             )
@@ -440,6 +459,7 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
                                     seed=s,
                                     recipe=r,
                                     options=opts,
+                                    method_version=cls.version,
                                     parent=parent.id if parent else None,
                                     parent_method=parent.method if parent else None,
                                     comment="; ".join(c for c in (exp.comment, entry.comment) if c),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from qbench.methods.recipe import Recipe
 from torch import nn
 
 
@@ -51,29 +52,29 @@ def default_param_groups(model: nn.Module, weight_decay: float, wd_on: str) -> l
     return groups
 
 
-def make_optimizer(groups: list[dict], r: dict) -> torch.optim.Optimizer:
-    if r["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=r["lr"], momentum=r["momentum"], nesterov=r["nesterov"] and r["momentum"] > 0)
-    if r["optimizer"] == "adam":
-        return torch.optim.Adam(groups, lr=r["lr"])
-    return torch.optim.AdamW(groups, lr=r["lr"])
+def make_optimizer(groups: list[dict], r: Recipe) -> torch.optim.Optimizer:
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov and r.momentum > 0)
+    if r.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=r.lr)
+    return torch.optim.AdamW(groups, lr=r.lr)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, r: dict, steps_per_epoch: int):
-    total = max(1, r["epochs"] * steps_per_epoch)
-    warm = r["warmup_epochs"] * steps_per_epoch
-    if r["schedule"] == "onecycle":
+def make_scheduler(opt: torch.optim.Optimizer, r: Recipe, steps_per_epoch: int):
+    total = max(1, r.epochs * steps_per_epoch)
+    warm = r.warmup_epochs * steps_per_epoch
+    if r.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        if r["schedule"] == "cosine":
+        if r.schedule == "cosine":
             t = (step - warm) / max(1, total - warm)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        if r["schedule"] == "step":
+        if r.schedule == "step":
             epoch = step // steps_per_epoch
-            return r["gamma"] ** sum(epoch >= m for m in r["milestones"])
+            return r.gamma ** sum(epoch >= m for m in r.milestones)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
@@ -86,21 +87,24 @@ class EvalResult:
     loss: float
     n: int
 
+    def as_dict(self) -> dict[str, float]:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "n_images": float(self.n)}
+
 
 def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split, r: dict, device: torch.device) -> EvalResult:
+def evaluate(model: nn.Module, split, r: Recipe, device: torch.device) -> EvalResult:
     model.eval()
     correct1 = torch.zeros((), device=device)
     correct5 = torch.zeros((), device=device)
     loss = torch.zeros((), device=device, dtype=torch.float64)
     n = 0
-    cl = r["channels_last"] and device.type == "cuda"
-    for x, y in split.batches(r["eval_batch_size"], train=False, device=device, channels_last=cl):
-        with autocast(device, r["amp"]):
+    cl = r.channels_last and device.type == "cuda"
+    for x, y in split.batches(r.eval_batch_size, train=False, device=device, channels_last=cl):
+        with autocast(device, r.amp):
             out = model(x)
         out = out.float()
         loss += F.cross_entropy(out, y, reduction="sum").double()
@@ -115,46 +119,74 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def train_epoch(
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_train_step(
     model: nn.Module,
-    split,
     opt: torch.optim.Optimizer,
-    sched,
-    r: dict,
+    r: Recipe,
     device: torch.device,
-    generator: torch.Generator,
-    extra_loss: Callable[[nn.Module], torch.Tensor | None],
-    on_step: Callable[[nn.Module, int], None],
-    step0: int,
+    extra_loss: Callable[[nn.Module], torch.Tensor | None] = lambda m: None,
+    loss_fn: LossFn | None = None,
     forward: nn.Module | None = None,
-) -> tuple[float, float, int]:
-    """One pass over ``split``; returns (mean loss, top-1 %, steps). Raises NonFiniteLoss."""
-    model.train()
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The one training step (the runner's, ``ctx.fit``'s and ``qbench bench``'s):
+    forward (``forward``, e.g. the compiled model, else ``model``) under bf16 autocast on
+    CUDA, the task loss (cross-entropy with the recipe's label smoothing, or
+    ``loss_fn(model, x, y, out)``) plus the method's ``extra_loss``, backward, gradient
+    clipping, optimizer step. Returns the detached task loss and output; nothing is read
+    back to the host."""
     fwd = forward if forward is not None else model
-    cl = r["channels_last"] and device.type == "cuda"
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device)
-    n, step = 0, step0
-    for x, y in split.batches(
-        r["batch_size"], train=True, device=device, generator=generator, channels_last=cl, drop_last=True
-    ):
-        with autocast(device, r["amp"]):
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(device, r.amp):
             out = fwd(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=r["label_smoothing"])
+            if loss_fn is None:
+                loss = F.cross_entropy(out.float(), y, label_smoothing=r.label_smoothing)
+            else:
+                loss = loss_fn(model, x, y, out)
             extra = extra_loss(model)
             total = loss + extra if extra is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if r["grad_clip"]:
-            nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
+        if r.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
         opt.step()
+        return loss.detach(), out.detach()
+
+    return step
+
+
+def train_epoch(
+    model: nn.Module,
+    split,
+    step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    sched,
+    r: Recipe,
+    device: torch.device,
+    generator: torch.Generator,
+    on_step: Callable[[nn.Module, int], None],
+    step0: int,
+) -> tuple[float, float, int]:
+    """One pass over ``split`` with ``step`` (:func:`make_train_step`); returns (mean loss,
+    top-1 %, steps). Raises NonFiniteLoss."""
+    model.train()
+    cl = r.channels_last and device.type == "cuda"
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device)
+    n, i = 0, step0
+    for x, y in split.batches(
+        r.batch_size, train=True, device=device, generator=generator, channels_last=cl, drop_last=True
+    ):
+        loss, out = step(x, y)
         sched.step()
-        step += 1
-        on_step(model, step)
-        loss_sum += loss.detach().double() * y.shape[0]
-        correct += (out.detach().argmax(1) == y).sum()
+        i += 1
+        on_step(model, i)
+        loss_sum += loss.double() * y.shape[0]
+        correct += (out.argmax(1) == y).sum()
         n += y.shape[0]
     mean = loss_sum.item() / max(1, n)
     if not math.isfinite(mean):
         raise NonFiniteLoss(f"training loss is {mean} (not finite)")
-    return mean, 100.0 * correct.item() / max(1, n), step - step0
+    return mean, 100.0 * correct.item() / max(1, n), i - step0

@@ -1,5 +1,10 @@
 """Exports of the leaderboard table: Markdown (EasyQuantization's README table plus a
-Reproduced column, ready to paste), CSV and JSON (every column of the table)."""
+Reproduced column, ready to paste), CSV and JSON (every column of the table).
+
+CSV cells are opened by spreadsheets, which run a cell that starts with ``=``, ``+``, ``-``,
+``@``, a tab or a carriage return as a formula (``=HYPERLINK(...)`` in a comment). Text cells
+that start so get a leading single quote (OWASP's advice against CSV injection); numbers,
+negative ones included, stay numbers."""
 
 from __future__ import annotations
 
@@ -86,8 +91,23 @@ def _flat(table: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+#: what a spreadsheet takes as the start of a formula (OWASP, CSV injection)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_text(v: object) -> object:
+    """A text cell a spreadsheet would run as a formula, quoted to stay text; anything else as is."""
+    if isinstance(v, str) and v.startswith(_FORMULA_START):
+        return "'" + v
+    return v
+
+
 def to_csv(table: pd.DataFrame) -> str:
-    return _flat(table).to_csv(index=False)
+    df = _flat(table)
+    for col in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            df[col] = df[col].map(_csv_text)
+    return df.to_csv(index=False)
 
 
 def to_json(table: pd.DataFrame) -> str:

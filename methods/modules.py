@@ -132,10 +132,6 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
-# ``make(module, name, role) -> Quantizer``: role is "weight" or "act".
-QuantizerFactory = Callable[[nn.Module, str, str], Quantizer]
-
-
 def _wrap(module: nn.Module, wq: Quantizer, aq: Quantizer) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         new = QuantConv2d.__new__(QuantConv2d)

@@ -96,7 +96,7 @@ class PACT(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         decay = self.options.alpha_decay
         if decay is None:
-            decay = float(ctx.recipe.get("weight_decay", 0.0) or 0.0)
+            decay = ctx.recipe.weight_decay
         self._decay = decay
         return quantize_model(
             model,

@@ -103,11 +103,14 @@ def test_sigkill_mid_cell_then_resume(tmp_path: Path) -> None:
     cells = tmp_path / "cells"
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
-        lasts = list(cells.glob("*/last.pt")) if cells.exists() else []
+        lasts = list(cells.glob("*/stage_train.pt")) if cells.exists() else []
         if lasts:
-            state = torch.load(lasts[0], weights_only=True)
-            if state["epoch"] >= 3:  # the baseline is done, the LSQ cell is mid-way
-                killed_at = state["epoch"]
+            try:
+                state = torch.load(lasts[0], weights_only=True)
+            except (FileNotFoundError, RuntimeError):  # removed as the baseline finished
+                continue
+            if state["history"]["epoch"] >= 3:  # the baseline is done, the LSQ cell is mid-way
+                killed_at = state["history"]["epoch"]
                 os.kill(proc.pid, signal.SIGKILL)
                 break
         time.sleep(0.2)

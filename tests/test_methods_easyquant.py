@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 from qbench.harness.data import load_dataset
 from qbench.harness.models import create_model
-from qbench.methods import METHODS, MethodContext, get_method
+from qbench.methods import METHODS, MethodContext, Recipe, get_method
 from qbench.methods.dorefa import DoReFaAct, DoReFaWeight
 from qbench.methods.lqnet import LQQuantizer
 from qbench.methods.lsq import LSQQuantizer
@@ -25,7 +25,7 @@ def digits():
 
 
 def _ctx(data=None, **recipe) -> MethodContext:
-    r = {"weight_decay": 1e-4, "calib_batches": 2, **recipe}
+    r = Recipe(**{"weight_decay": 1e-4, "calib_batches": 2, **recipe})
     cpu = torch.device("cpu")
     batches = (lambda: data.train.batches(64, train=False, device=cpu)) if data else (lambda: iter(()))
     return MethodContext(device=cpu, recipe=r, calib_batches=batches)

@@ -189,7 +189,7 @@ def test_torchvision_weights_from_the_hub_cache_or_a_clear_error(tmp_path, monke
 
 def test_quantized_models_train_a_step():
     """The papers' nets under LSQ W4A4: forward, backward, finite gradients on the steps."""
-    from qbench.methods import MethodContext, get_method
+    from qbench.methods import MethodContext, Recipe, get_method
 
     for name in ("lenet5", "preact_resnet18"):
         kw = SMALL[name]
@@ -197,7 +197,7 @@ def test_quantized_models_train_a_step():
         x = torch.randn(2, kw.get("in_channels", 3), kw["image_size"], kw["image_size"])
         ctx = MethodContext(
             device=torch.device("cpu"),
-            recipe={"calib_batches": 1},
+            recipe=Recipe(calib_batches=1),
             calib_batches=lambda x=x: iter([(x, None)]),
         )
         method = get_method("lsq")(4, 4)

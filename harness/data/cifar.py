@@ -7,7 +7,10 @@ differs between them:
   ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch}`` or
   ``<root>/cifar-100-python/{train,test,meta}``, or the downloaded archive
   ``<root>/cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` read without unpacking;
-  downloaded by torchvision when missing and online.
+  downloaded by torchvision when missing and online. The batches are pickles, so they are
+  read with a restricted unpickler that builds only what a CIFAR batch holds (dicts, lists,
+  strings, numbers and numpy arrays): a file that names any other class or function (a
+  crafted "batch" that would run a command) is refused before anything in it runs.
 * ``jpeg``: an ImageFolder (``train/<class>/<image>``, ``test/<class>/<image>``) as folders
   or as ``train.tar.gz`` / ``test.tar.gz`` archives, in ``<root>/cifar10-jpeg``
   (``cifar100-jpeg``) or the ``path`` option. Class folders are matched to the canonical
@@ -25,6 +28,8 @@ Decoded once and cached as uint8 tensor files (see :mod:`qbench.harness.data.cac
 
 from __future__ import annotations
 
+import codecs
+import io
 import pickle
 import tarfile
 from pathlib import Path
@@ -89,11 +94,66 @@ FORMATS = ("auto", "pickle", "jpeg", "imagefolder")
 
 
 # -- the pickle batches ------------------------------------------------------------------
+def _batch_globals() -> dict[tuple[str, str], object]:
+    """The only classes and functions a CIFAR batch's pickle names: numpy's array and dtype
+    rebuilders, under numpy 1's (``numpy.core``) and numpy 2's (``numpy._core``) module
+    names, and ``_codecs.encode`` (bytes in a protocol-2 pickle written by Python 3).
+    Dicts, lists, strings and numbers are pickle opcodes and need no name."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 1.26
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # pickle protocol 5
+    return allowed
+
+
+class _Refused(pickle.UnpicklingError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :func:`_batch_globals`: anything else (``os.system``,
+    ``subprocess.Popen``, ``builtins.eval``...) is refused before it can be called."""
+
+    def __init__(self, file, allowed: dict[tuple[str, str], object]):
+        super().__init__(file, encoding="latin1")  # Python 2 pickles, as torchvision reads them
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+    def persistent_load(self, pid):
+        raise _Refused("a persistent id")
+
+
 def _unpickle(data: bytes, where: str) -> dict:
     try:
-        return pickle.loads(data, encoding="latin1")
+        d = _BatchUnpickler(io.BytesIO(data), _batch_globals()).load()
+    except _Refused as e:
+        raise QbenchError(
+            f"refused: not a CIFAR batch (the pickle names {e.name}, which a CIFAR batch never holds; "
+            "nothing in it was run); replace it with the original file",
+            where,
+        ) from None
     except Exception as e:
         raise QbenchError(f"cannot read the CIFAR batch ({type(e).__name__}: {e}); copy it again", where) from None
+    if not isinstance(d, dict):
+        raise QbenchError(f"not a CIFAR batch (a pickled {type(d).__name__}, expected a dict)", where)
+    # the original batches read with latin1 have str keys; one re-pickled by Python 3 may have bytes keys
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 def _batch_bytes(source: Path, spec: dict, split: str) -> list[tuple[str, bytes]]:
@@ -108,7 +168,7 @@ def _batch_bytes(source: Path, spec: dict, split: str) -> list[tuple[str, bytes]
     try:
         with tarfile.open(source, mode="r:*") as tf:
             for m in tf:
-                if m.name in wanted:
+                if m.name in wanted and m.isfile():
                     found[m.name] = tf.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise QbenchError(
@@ -127,7 +187,7 @@ def _load_pickle(source: Path, spec: dict, split: str) -> dict:
         try:
             images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(d[spec["label_key"]], dtype=np.int64))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise QbenchError(f"not a CIFAR batch ({type(e).__name__}: {e})", where) from None
     return {
         "images": torch.from_numpy(np.concatenate(images)),
@@ -214,7 +274,12 @@ def _load(
         raise QbenchError(
             f"{name} not found: put the python batches in {base / spec['pickle_dir']} "
             f"(or {spec['archive']} in {base}), or a JPEG ImageFolder as {jpeg}"
-            + (f"; download failed: {why}" if why else ""),
+            + (f"; download failed: {why}" if why else "")
+            + (
+                f" ({base} is --data-root)"
+                if root
+                else f" ({base} is the default data folder: pass --data-root DIR or set QBENCH_DATA to look elsewhere)"
+            ),
             name,
         )
     classes = spec["classes"]

@@ -1,0 +1,46 @@
+"""The training recipe: how a cell trains (or calibrates) and evaluates.
+
+Validated with the suite (every level of a suite may set any key; lower levels override
+higher ones), stored in the cell's identity as a plain dict, and handed to methods typed,
+as :class:`Recipe`, through :class:`qbench.methods.MethodContext`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+#: more epochs than any paper trains (ImageNet recipes are 90-120): a typo, not a plan
+MAX_EPOCHS = 10_000
+
+
+class Recipe(BaseModel):
+    """How a cell trains (or calibrates) and evaluates."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    train: bool = True  # false: no training phase (post-training quantization, evaluation)
+    epochs: PositiveInt = Field(10, le=MAX_EPOCHS)
+    batch_size: PositiveInt = Field(128, le=1_000_000)
+    eval_batch_size: PositiveInt = Field(512, le=1_000_000)
+    eval_every: PositiveInt = 1  # evaluate on the test (and val) split every N epochs and at the end
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.1
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: NonNegativeFloat = 5e-4
+    wd_on: Literal["weights", "all"] = "weights"
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    milestones: list[PositiveInt] = []
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: NonNegativeInt = 0
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    calib_batches: NonNegativeInt = 4
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile on CUDA
+    grad_clip: PositiveFloat | None = None
+
+    def with_(self, **changes) -> Recipe:
+        """A copy with ``changes`` applied and validated (e.g. a method's fine-tuning stage)."""
+        return Recipe(**{**self.model_dump(), **changes})
