@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +25,11 @@ class _Group(click.Group):
         except QbenchError as e:
             click.echo(f"qbench: error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main)
+            click.echo(
+                "qbench: interrupted; the unfinished cell is marked killed: run the same command to resume", err=True
+            )
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,6 +79,36 @@ def list_cmd(what: str) -> None:
         for name, fn in DATASETS.items():
             doc = (fn.__doc__ or "").strip().splitlines()
             click.echo(f"{name:18s} {doc[0] if doc else ''}")
+
+
+@contextlib.contextmanager
+def out_lock(out: Path):
+    """One ``qbench run`` per output folder at a time: a second one is refused at once
+    (it would train every cell again beside the first)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = out / ".qbench-run.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise QbenchError(
+                f"another qbench run ({holder}) is using this output folder; wait for it or use another --out",
+                str(out),
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def torch_cuda() -> bool:
@@ -157,11 +195,12 @@ def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderb
     from .report import print_results
 
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(len(s.cells))
-    try:
-        results = LocalExecutor(device_list).run(s.cells, ctx, reporter)
-    finally:
-        reporter.close()
+    with out_lock(ctx.out_dir):
+        reporter = Reporter(len(s.cells))
+        try:
+            results = LocalExecutor(device_list).run(s.cells, ctx, reporter)
+        finally:
+            reporter.close()
     print_results(s, results)
     if not no_leaderboard:
         from qbench.leaderboard.site import build_site
@@ -205,7 +244,10 @@ def show(suite, out, tracking_uri) -> None:
 @tracking_option
 def import_cmd(source, out, tracking_uri) -> None:
     """Copy the runs of the MLflow store SOURCE (a tracking URI, or a folder holding
-    mlflow.db, e.g. an --out folder brought back from a GPU machine) into this store."""
+    mlflow.db, e.g. an --out folder brought back from a GPU machine) into this store.
+
+    Local artifacts are copied only from inside SOURCE's own artifact folders (mlartifacts/
+    or mlruns/ beside its mlflow.db); any that point elsewhere are skipped and named."""
     from .transfer import import_runs
 
     src = source
@@ -216,8 +258,14 @@ def import_cmd(source, out, tracking_uri) -> None:
         src = f"sqlite:///{db.resolve()}"
     ctx = _ctx(out, tracking_uri, None)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    copied, skipped = import_runs(src, ctx.tracker())
+    copied, skipped, outside = import_runs(src, ctx.tracker())
     click.echo(f"imported {copied} runs from {src} ({skipped} already here); store: {ctx.tracking_uri}")
+    if outside:  # artifact locations of the source that point out of it: not followed
+        more = f"; and {len(outside) - 5} more" if len(outside) > 5 else ""
+        click.echo(
+            f"qbench: warning: skipped {len(outside)} artifacts outside the store: {'; '.join(outside[:5])}{more}",
+            err=True,
+        )
 
 
 # --- commands from other modules are added here (one line each) -----------------------
@@ -228,7 +276,12 @@ cli.add_command(__import__("qbench.harness.bench", fromlist=["bench"]).bench)  #
 cli.add_command(__import__("qbench.harness.evaluate", fromlist=["evaluate_cmd"]).evaluate_cmd)
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: checkpoint kept, run marked killed
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     cli()
 
 

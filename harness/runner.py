@@ -27,7 +27,7 @@ from .errors import QbenchError
 from .fit import CellState, Trainer, cpu_state
 from .models.weights import safe_load
 from .suite import Cell
-from .tracking import RunRecord, Tracker
+from .tracking import RECORDED, RunRecord, Tracker
 from .train import evaluate, seed_everything
 
 Report = Callable[..., None]
@@ -93,18 +93,27 @@ def run_cell(
     if existing and existing.status == "done" and not ctx.force:
         return CellResult(cell.id, cell.label, "skipped", existing.metrics, run_id=existing.run_id)
     cdir = ctx.cell_dir(cell.id)
-    resume_id = None
-    if existing and (ctx.force or existing.status == "failed"):
+    resume_id, replaces = None, None
+    if existing and existing.status in ("running", "killed") and existing.tags.get(RECORDED) == "1":
+        # it crashed after its results were recorded, before it was marked finished
+        tracker.finish(existing.run_id, "done")
+        return CellResult(cell.id, cell.label, "done", existing.metrics, run_id=existing.run_id)
+    if existing and existing.status == "failed":
         tracker.delete(existing.run_id)  # one run per cell: the new attempt replaces it
         CellState(cdir).clear()
-        (cdir / "model.pt").unlink(missing_ok=True)
+    elif existing and existing.status == "done":  # --force: keep it until its replacement finished
+        replaces = existing.run_id
+        CellState(cdir).clear()
     elif existing:
-        resume_id = existing.run_id  # killed mid-run: reopen it and resume from last.pt
+        resume_id = existing.run_id  # killed mid-run: reopen it and resume from its checkpoint
     run_id = tracker.start(cell, resume_id)
     try:
         metrics = _execute(cell, ctx, tracker, runs, run_id, report)
-    except KeyboardInterrupt:
-        tracker.finish(run_id, "failed", "interrupted")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the epoch checkpoint stays, the next run resumes
+        try:
+            tracker.finish(run_id, "killed", "interrupted (SIGINT/SIGTERM); run the same command again to resume")
+        except Exception:
+            pass
         raise
     except Exception as e:  # a failing cell never takes the suite down
         reason = f"{type(e).__name__}: {e}"
@@ -116,6 +125,8 @@ def run_cell(
             pass
         return CellResult(cell.id, cell.label, "failed", error=reason, run_id=run_id)
     tracker.finish(run_id, "done")
+    if replaces:
+        tracker.delete(replaces)
     return CellResult(cell.id, cell.label, "done", metrics, run_id=run_id)
 
 
@@ -233,6 +244,7 @@ def record(tracker: Tracker, run_id: str, metrics: dict, fp, model: torch.nn.Mod
     torch.save(cpu_state(model), tmp)
     os.replace(tmp, final)
     tracker.log_file(run_id, final, "checkpoint")
+    tracker.set_tags(run_id, {RECORDED: "1"})  # finishing from here on is idempotent
 
 
 def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> dict:

@@ -4,12 +4,16 @@ Default store: a SQLite database in the output folder (``sqlite:///<out>/mlflow.
 artifacts in ``<out>/mlartifacts``); ``--tracking-uri`` points at a team's server.
 Browse with ``mlflow ui --backend-store-uri sqlite:///qbench-out/mlflow.db``.
 
-Schema (the leaderboard reads exactly this): tags ``qbench.cell_id``, ``qbench.suite``,
-``qbench.method``, ``qbench.model``, ``qbench.dataset``, ``qbench.w_bits``, ``qbench.a_bits``,
-``qbench.seed``, ``qbench.code_version``, ``qbench.status`` (running|done|failed),
-``qbench.error``, ``qbench.parent``, ``qbench.tolerance``, ``qbench.comment``; params: the
-flattened resolved cell; metrics: see :mod:`qbench.harness.runner`; artifacts
-``config.json``, ``environment.json``, ``footprint.json``, ``checkpoint/model.pt``.
+Schema (the constants below; :mod:`qbench.leaderboard.runs` reads them from here): tags
+``qbench.cell_id``, ``qbench.group`` (the seed-independent configuration: the runs of one
+group are the seeds the leaderboard averages), ``qbench.suite``, ``qbench.method``,
+``qbench.method_version``, ``qbench.model``, ``qbench.dataset``, ``qbench.w_bits``,
+``qbench.a_bits``, ``qbench.seed``, ``qbench.code_version``, ``qbench.status``
+(running|done|failed|killed), ``qbench.recorded``, ``qbench.error``, ``qbench.parent``, ``qbench.tolerance``,
+``qbench.comment``, ``qbench.host`` and ``qbench.pid`` (the process running the cell, so a
+run left RUNNING by a killed process is told apart from a live one); params: the
+flattened resolved cell; metrics: see :mod:`qbench.harness.runner` (per-epoch curves
+:data:`CURVES` with step = epoch); artifacts :data:`ARTIFACTS` and ``checkpoint/model.pt``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import functools
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +37,17 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 TAG = "qbench."
 STATUS = TAG + "status"
 CELL_ID = TAG + "cell_id"
+GROUP = TAG + "group"
+#: set once a run's final metrics, footprint and checkpoint are all logged
+RECORDED = TAG + "recorded"
+HOST = TAG + "host"
+PID = TAG + "pid"
+#: the values of the status tag a run can end with (``running`` while a process works on it)
+FINAL_STATUSES = ("done", "failed")
+#: per-epoch curves (step = epoch)
+CURVES = ("train_loss", "train_top1", "test_top1", "test_loss", "val_top1", "lr")
+#: the JSON artifacts every run carries
+ARTIFACTS = ("config.json", "environment.json", "footprint.json")
 
 
 def default_uri(out_dir: str | Path) -> str:
@@ -102,6 +118,24 @@ def environment_uncached() -> dict[str, Any]:
     return env
 
 
+def _owner() -> dict[str, str]:
+    return {HOST: socket.gethostname(), PID: str(os.getpid())}
+
+
+def process_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that owns a running run still lives: True/False when it ran on
+    this machine, None when that cannot be told from here (another host, no tags)."""
+    if tags.get(HOST) != socket.gethostname() or not tags.get(PID, "").isdigit():
+        return None
+    try:
+        os.kill(int(tags[PID]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -122,6 +156,44 @@ class Tracker:
 
         self.uri = uri
         self.artifact_root = artifact_root
+        # A broken sqlite store: MLflow would silently replace a 0-byte file with a new,
+        # empty store (and every cell would train again) and fail on a damaged one with a
+        # traceback. Say what is wrong before MLflow opens it, and change nothing.
+        db = uri[len("sqlite:///") :].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if db not in ("", ":memory:") and os.path.exists(db):
+            import sqlite3
+            from urllib.request import pathname2url
+
+            from .errors import QbenchError
+
+            problem = ""
+            if os.path.isdir(db):
+                problem = "is a folder, not an MLflow database"
+            elif os.path.getsize(db) == 0:
+                problem = "is empty (0 bytes)"
+            else:
+                try:  # read-only: neither creates nor modifies the file
+                    con = sqlite3.connect(f"file:{pathname2url(os.path.abspath(db))}?mode=ro", uri=True, timeout=30)
+                    try:
+                        check = con.execute("PRAGMA quick_check").fetchall()
+                        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                    finally:
+                        con.close()
+                except sqlite3.OperationalError:
+                    pass  # locked by a writer, a hot journal to roll back, unreadable: MLflow's to say
+                except sqlite3.DatabaseError as e:
+                    problem = "is not an SQLite database" if "not a database" in str(e) else f"is damaged ({e})"
+                else:
+                    if [tuple(r) for r in check] != [("ok",)]:
+                        problem = f"is damaged (integrity check: {'; '.join(str(r[0]) for r in check[:3])})"
+                    elif not {"alembic_version", "experiments", "runs"} <= tables:
+                        problem = "is an SQLite database but not an MLflow store (it has no MLflow tables)"
+            if problem:
+                raise QbenchError(
+                    f"the MLflow store {problem}; nothing was changed: restore it from a backup, or move it "
+                    "away to start a new store (every cell then runs again)",
+                    db,
+                )
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
 
@@ -133,8 +205,19 @@ class Tracker:
             return exp.experiment_id
         loc = None
         if self.artifact_root is not None:
-            self.artifact_root.mkdir(parents=True, exist_ok=True)
-            loc = (self.artifact_root / suite).resolve().as_uri()
+            import hashlib
+            import re
+
+            # The name never chooses a path (``../../x``, ``/abs/path``, a name from an
+            # imported store): a slug of safe characters and a hash of the whole name make
+            # one new folder directly inside the artifact root.
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", suite).strip("._-")[:48] or "suite"
+            root = self.artifact_root.resolve()
+            folder = (root / f"{slug}-{hashlib.sha256(suite.encode()).hexdigest()[:10]}").resolve()
+            if folder.parent != root:
+                raise RuntimeError(f"artifact folder {folder} of experiment {suite!r} is not inside {root}")
+            root.mkdir(parents=True, exist_ok=True)
+            loc = folder.as_uri()
         return self.client.create_experiment(suite, artifact_location=loc)
 
     def runs(self) -> dict[str, RunRecord]:
@@ -178,7 +261,7 @@ class Tracker:
         """Create the run of ``cell`` (or reopen ``resume_run_id``) and log its identity."""
         if resume_run_id:
             self.client.update_run(resume_run_id, status="RUNNING")
-            self.client.set_tag(resume_run_id, STATUS, "running")
+            self.set_tags(resume_run_id, {STATUS: "running", **_owner()})
             return resume_run_id
         from mlflow.entities import Param, RunTag
 
@@ -186,8 +269,10 @@ class Tracker:
         rid = run.info.run_id
         tags = {
             CELL_ID: cell.id,
+            GROUP: cell.group,
             TAG + "suite": cell.suite,
             TAG + "method": cell.method,
+            TAG + "method_version": str(cell.method_version),
             TAG + "model": cell.model,
             TAG + "dataset": cell.dataset,
             TAG + "w_bits": str(cell.w_bits),
@@ -198,6 +283,7 @@ class Tracker:
             TAG + "tolerance": str(cell.tolerance),
             TAG + "comment": cell.comment,
             STATUS: "running",
+            **_owner(),
         }
         params = flatten({k: v for k, v in cell.config().items() if k not in ("comment",)})
         self.client.log_batch(
@@ -231,8 +317,11 @@ class Tracker:
             self.client.set_tag(run_id, k, v)
 
     def finish(self, run_id: str, status: str, error: str = "") -> None:
+        """End a run: ``done`` (FINISHED), ``failed`` (FAILED) or ``killed`` (KILLED: the
+        next ``qbench run`` resumes it from its checkpoint)."""
         self.set_tags(run_id, {STATUS: status, TAG + "error": error[:4000]})
-        self.client.set_terminated(run_id, status="FINISHED" if status == "done" else "FAILED")
+        mlflow_status = {"done": "FINISHED", "killed": "KILLED"}.get(status, "FAILED")
+        self.client.set_terminated(run_id, status=mlflow_status)
 
     def delete(self, run_id: str) -> None:
         self.client.delete_run(run_id)

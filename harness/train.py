@@ -97,6 +97,8 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split, r: Recipe, device: torch.device) -> EvalResult:
+    from .determinism import deterministic_cpu
+
     model.eval()
     correct1 = torch.zeros((), device=device)
     correct5 = torch.zeros((), device=device)
@@ -104,7 +106,8 @@ def evaluate(model: nn.Module, split, r: Recipe, device: torch.device) -> EvalRe
     n = 0
     cl = r.channels_last and device.type == "cuda"
     for x, y in split.batches(r.eval_batch_size, train=False, device=device, channels_last=cl):
-        with autocast(device, r.amp):
+        # on the CPU: the same logits whatever the thread count, backend or load
+        with autocast(device, r.amp), deterministic_cpu(enabled=device.type == "cpu"):
             out = model(x)
         out = out.float()
         loss += F.cross_entropy(out, y, reduction="sum").double()

@@ -34,9 +34,11 @@ import click
 )
 def leaderboard_cmd(out: str, tracking_uri: str | None, fmt: str, output: str | None) -> None:
     """Join the MLflow runs with the papers' reported numbers: a static site or an export."""
-    from qbench.harness.tracking import default_uri
+    from qbench.harness.tracking import Tracker, default_uri
 
     uri = tracking_uri or default_uri(out)
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :].split("?", 1)[0]).exists():
+        Tracker(uri)  # a 0-byte, damaged or non-MLflow database: one line, exit 2, left as it is
     if fmt == "html":
         from .site import build_site
 

@@ -6,7 +6,6 @@ whole leaderboard down.
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
 from typing import Any
 
 
@@ -43,17 +42,10 @@ def _bits_range(bits) -> str:
 
 
 def registered_methods() -> list[dict]:
-    """One dict per registered method, sorted by name."""
+    """One dict per registered method, sorted by name; a plugin that fails to import is
+    listed with its error (and warned about once on stderr by the registry)."""
     from qbench.methods import METHODS
 
-    try:
-        return [_describe(name, cls) for name, cls in METHODS.items()]
-    except Exception:  # one plugin failed to import: load the others one by one
-        pass
-    out = []
-    for ep in sorted(entry_points(group="qbench.methods"), key=lambda e: e.name):
-        try:
-            out.append(_describe(ep.name, ep.load()))
-        except Exception as e:  # shown on the methods page
-            out.append({**_describe(ep.name, None), "error": f"{type(e).__name__}: {e}"})
-    return out
+    out = [_describe(name, cls) for name, cls in METHODS.items()]
+    out += [{**_describe(name, None), "error": err} for name, err in METHODS.errors.items()]
+    return sorted(out, key=lambda m: m["name"])

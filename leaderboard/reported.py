@@ -17,13 +17,30 @@ leaderboard writes A/W when the bits alone do not say it, e.g. ``ter/ter``); ``t
 
 Every malformed file raises :class:`~qbench.harness.errors.QbenchError` naming the file and
 the row (``methods/reported/apot.yaml: rows[3].w_bits``).
+
+Plugins ship their papers' numbers the same way. A distribution names a package through
+the entry-point group ``qbench.reported``::
+
+    [project.entry-points."qbench.reported"]
+    twn = "qbench_twn.reported"        # a package holding twn.yaml (as package data)
+
+and every ``*.yaml`` of that package is read after qbench's own files, named
+``<distribution name>:<file name>`` in errors (``qbench-twn:twn.yaml: rows[0].value``). A
+plugin whose package fails to import (or is not a package) costs only itself: one warning
+line on stderr, once per process (``qbench: warning: reported numbers of plugin 'twn' from
+qbench-twn 0.1.0 (qbench_twn.reported) failed to load: ...; skipped``), and the other files
+still load. A malformed file is an error like any other, and a paper key may be used once
+across qbench's files and every plugin's.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from collections.abc import Iterable
 from importlib import resources
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import pandas as pd
@@ -31,6 +48,8 @@ import yaml
 from qbench.harness.errors import QbenchError
 
 PACKAGE = "qbench.methods.reported"
+#: the entry-point group through which plugins name their packages of reported numbers
+GROUP = "qbench.reported"
 
 #: metric name -> (task it belongs to, label in tables)
 METRICS: dict[str, tuple[str, str]] = {
@@ -228,18 +247,82 @@ def parse_reported(text: str, file: str) -> list[dict]:
     return out
 
 
+def _yaml_files(root) -> list[tuple[str, str]]:
+    """(file name, text) of every ``*.yaml``/``*.yml`` directly in a package folder, by name."""
+    return [
+        (entry.name, entry.read_text(encoding="utf-8"))
+        for entry in sorted(root.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith((".yaml", ".yml")) and entry.is_file()
+    ]
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    d = getattr(ep, "dist", None)
+    return str(d.metadata["Name"]) if d is not None else "unknown-distribution"
+
+
+def _dist_label(ep: EntryPoint) -> str:
+    d = getattr(ep, "dist", None)
+    return f"{d.metadata['Name']} {d.version}" if d is not None else "an unknown distribution"
+
+
+#: plugins already warned about in this process (entry-point name and value)
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_plugin(ep: EntryPoint, message: str) -> None:
+    key = (ep.name, ep.value)
+    if key in _warned:
+        return
+    _warned.add(key)
+    msg = " ".join(message.split())[:300]
+    print(
+        f"qbench: warning: reported numbers of plugin {ep.name!r} from {_dist_label(ep)} ({ep.value}) "
+        f"failed to load: {msg}; skipped",
+        file=sys.stderr,
+    )
+
+
+def _plugin_entry_points() -> list[EntryPoint]:
+    """The ``qbench.reported`` entry points, by name; one distribution seen twice on
+    ``sys.path`` counts once."""
+    found: list[EntryPoint] = []
+    for ep in entry_points(group=GROUP):
+        if not any(e.name == ep.name and e.value == ep.value and _dist_label(e) == _dist_label(ep) for e in found):
+            found.append(ep)
+    return sorted(found, key=lambda e: (e.name, _dist_name(e)))
+
+
+def _plugin_files() -> Iterable[tuple[str, str]]:
+    """The ``*.yaml`` files of every package named in the ``qbench.reported`` group, each
+    named ``<distribution>:<file>``; a package that fails to import is skipped with a
+    warning."""
+    for ep in _plugin_entry_points():
+        try:
+            module = importlib.import_module(ep.module)
+            if not hasattr(module, "__path__"):
+                raise TypeError(f"{ep.module!r} is a module, not a package of *.yaml files")
+            files = _yaml_files(resources.files(module))
+        except Exception as e:
+            _warn_plugin(ep, f"{type(e).__name__}: {e}")
+            continue
+        for name, text in files:
+            yield f"{_dist_name(ep)}:{name}", text
+
+
 def _package_files() -> Iterable[tuple[str, str]]:
-    root = resources.files(PACKAGE)
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith((".yaml", ".yml")) and entry.is_file():
-            yield f"methods/reported/{entry.name}", entry.read_text(encoding="utf-8")
+    """qbench's own files (``methods/reported/<file>``), then every plugin's."""
+    for name, text in _yaml_files(resources.files(PACKAGE)):
+        yield f"methods/reported/{name}", text
+    yield from _plugin_files()
 
 
 def load_reported(files: Iterable[tuple[str, str]] | None = None) -> pd.DataFrame:
     """Every reported number as one DataFrame (columns :data:`COLUMNS`).
 
     ``files`` is an iterable of ``(name, text)``; by default every ``*.yaml`` of the
-    ``qbench.methods.reported`` package. Two files may not share a paper key.
+    ``qbench.methods.reported`` package and of each plugin package named in the
+    ``qbench.reported`` entry-point group. Two files may not share a paper key.
     """
     rows: list[dict] = []
     keys: dict[str, str] = {}

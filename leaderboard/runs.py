@@ -1,9 +1,10 @@
 """Read qbench's runs from any MLflow tracking URI through MLflow's public client.
 
-The schema is the one :mod:`qbench.harness.tracking` writes (experiment = suite, run =
-cell): tags ``qbench.*``, params = the flattened resolved cell, final metrics, per-epoch
-curves (step = epoch) and the artifacts ``config.json``, ``environment.json`` and
-``footprint.json``. Only the leaderboard's needs are read; nothing is written.
+The schema is the one :mod:`qbench.harness.tracking` writes and declares (its constants are
+imported from there, not copied): experiment = suite, run = cell, tags ``qbench.*`` (the
+seed groups the leaderboard averages come from ``qbench.group``), params = the flattened
+resolved cell, final metrics, per-epoch curves (step = epoch) and the JSON artifacts. Only
+the leaderboard's needs are read; nothing is written.
 """
 
 from __future__ import annotations
@@ -11,20 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+from qbench.harness.tracking import ARTIFACTS, CURVES, GROUP, TAG  # also sets MLflow's environment
+from qbench.harness.tracking import FINAL_STATUSES as STATUSES
 
-TAG = "qbench."
-STATUSES = ("done", "failed")
-CURVES = ("train_loss", "train_top1", "test_top1", "test_loss", "val_top1", "lr")
-ARTIFACTS = ("config.json", "environment.json", "footprint.json")
 #: params that differ between the seeds of one configuration (and so are not part of it)
 _PER_SEED = {"id", "seed", "parent", "suite", "tolerance", "comment"}
 
@@ -58,7 +54,7 @@ class Run:
         v = self.tag(which + "_bits") or self.params.get(which + "_bits", "")
         try:
             return int(float(v))
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, nan, inf
             return None
 
     @property
@@ -151,7 +147,8 @@ def fetch_runs(tracking_uri: str, details: bool = True) -> list[Run]:
 
 
 def group_key(run: Run, by_cell: dict[str, Run], _depth: int = 0) -> str:
-    """A hash of the run's resolved configuration without what varies per seed.
+    """For runs without a ``qbench.group`` tag (recorded before it existed): a hash of the
+    run's resolved configuration without what varies per seed.
 
     The parent cell (a per-seed id) is replaced by the parent's own group key, so a
     progressive chain (4 -> 3 bits) and a cell initialised from the baseline stay apart.
@@ -168,9 +165,12 @@ def group_key(run: Run, by_cell: dict[str, Run], _depth: int = 0) -> str:
 
 
 def assign_groups(runs: list[Run]) -> None:
+    """Each run's group: its ``qbench.group`` tag (written by the harness: the seed-independent
+    configuration), within its experiment. Runs recorded before that tag existed get theirs
+    re-derived from their params by :func:`group_key`."""
     by_cell = {r.cell_id: r for r in runs}
     for r in runs:
-        r.group = r.experiment + ":" + group_key(r, by_cell)
+        r.group = r.experiment + ":" + (r.tags.get(GROUP) or group_key(r, by_cell))
 
 
 def load_details(client, run: Run) -> None:

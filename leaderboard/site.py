@@ -248,16 +248,30 @@ def _environment(env: Any) -> tuple[list[tuple[str, str]], list[str]]:
     return items, [str(p) for p in pkgs] if isinstance(pkgs, list) else [str(pkgs)]
 
 
+#: the fields of one layer of ``footprint.json`` that the run page shows
+LAYER_FIELDS = ("name", "kind", "w_bits", "a_bits", "params", "bytes", "macs", "bops", "distinct_max", "levels_allowed")
+
+
 def _footprint(fp: Any) -> dict | None:
+    """What the run page shows of ``footprint.json``; ``None`` unless it is an object.
+
+    A run may come from anywhere (``qbench import``), so every field may be missing or of
+    another type: each layer gets every field the page reads (missing: empty; the page
+    tests ``distinct_max`` against none), and the layers that are not objects are left out."""
     if not isinstance(fp, dict):
         return None
-    layers = [lay for lay in fp.get("layers") or [] if isinstance(lay, dict)]
+    layers = fp.get("layers")
+    layers = layers if isinstance(layers, list) else []
     return {
-        "layers": layers,
+        "layers": [
+            {k: lay.get(k, None if k == "distinct_max" else "") for k in LAYER_FIELDS}
+            for lay in layers
+            if isinstance(lay, dict)
+        ],
         "total_bytes": fp.get("total_bytes"),
         "fp32_bytes": fp.get("fp32_bytes"),
         "bops": fp.get("bops"),
-        "audit_ok": fp.get("audit_ok"),
+        "audit_ok": fp.get("audit_ok") is True,
         "compression_ratio": fp.get("compression_ratio"),
     }
 

@@ -31,7 +31,7 @@ Quantizers. Weights are first standardised (weight normalisation),
 
 .. math::
     x_q = \alpha \cdot \Pi_{\mathcal{Q}(1, B)}\big(\mathrm{clip}(x/\alpha, -1, 1)\big)
-    \quad\text{(weights, sign-magnitude; activations: clip to } [0, 1])
+    \quad\text{(weights, sign-magnitude; activations: see below)}
 
     \frac{\partial x_q}{\partial \alpha} = \begin{cases}
         \mathrm{sign}(x/\alpha) & |x/\alpha| > 1 \\
@@ -49,15 +49,21 @@ The two official implementations differ in training details; option ``variant`` 
 
 * ``cifar`` (``CIFAR10/models/quant_layer.py``, the released CIFAR-10 models): the
   normalisation statistics are constants (no gradient through :math:`\mu, \sigma`); weight
-  gradients are never clipped, at any bit-width; activation gradients are blocked only
-  above :math:`\alpha`; :math:`\alpha` starts at 3.0 (weights) and 8.0 (activations); the
+  gradients are never clipped, at any bit-width; activations are clipped from above only
+  (``act_quantization``'s ``_uq``: ``input.clamp(max=1)``), so a negative input is
+  projected onto the nearest level (0) on the PoT/APoT paths but rounded to a *negative*
+  multiple of :math:`1/(2^B-1)` on the uniform path (``power=False``), and its gradients are
+  those of ``_uq.backward``: :math:`\partial x_q/\partial x = 1` and
+  :math:`\partial x_q/\partial \alpha = \Pi(x/\alpha) - x/\alpha` (blocked / 1 only above
+  :math:`\alpha`); :math:`\alpha` starts at 3.0 (weights) and 8.0 (activations); the
   clipping thresholds get their own optimiser groups (activations: lr 0.1, weights:
   lr 0.02, weight decay 1e-4 for both) and every other parameter, BatchNorm included,
   gets the recipe's learning rate and weight decay.
 * ``imagenet`` (``ImageNet/models/quant_layer.py``): gradients flow through
   :math:`\mu, \sigma`; weight gradients are clipped outside :math:`[-\alpha, \alpha]`
   except for the calibrated 2-bit weights; activations are clipped to ``[0, 1]`` in both
-  directions; :math:`\alpha` starts at 3.0 (weights) and 6.0 (activations); all
+  directions (``data.clamp(0, 1)``: a negative input gives 0, with no gradient for it or
+  for :math:`\alpha`); :math:`\alpha` starts at 3.0 (weights) and 6.0 (activations); all
   parameters share the recipe's learning rate and weight decay.
 
 First and last layers (``first_last: official``, both codes): the first convolution and
@@ -94,6 +100,7 @@ from torch import nn
 
 from .base import Method, MethodContext, Paper
 from .modules import Identity, Quantizer, quantize_model
+from .recipe import Recipe
 
 LevelKind = Literal["apot", "pot", "uniform"]
 
@@ -211,18 +218,28 @@ def project(x: torch.Tensor, levels: torch.Tensor, thresholds: torch.Tensor) -> 
 class _APoTFunction(torch.autograd.Function):
     """``x_q = alpha * P(clip(x / alpha))`` with the official gradients (see the module doc).
 
-    ``signed``: weights (sign-magnitude, clip to [-1, 1]); else activations ([0, 1]).
+    ``signed``: weights (sign-magnitude, clip to [-1, 1]); else activations (clip to
+    ``(-inf, 1]`` or ``[0, 1]``, see ``lower_clip``).
     ``n_uniform`` > 0 rounds to ``k / n_uniform`` instead of projecting onto ``levels``.
     ``clip_x_grad``: block the input's gradient outside the clipping range (False: the
-    calibrated gradient / the CIFAR code's weights). ``lower_grad``: for activations,
-    whether the region below 0 is clipped too (ImageNet code) or passes (CIFAR code).
+    calibrated gradient / the CIFAR code's weights). ``lower_clip``: for activations,
+    whether values below 0 are clipped to 0, in the forward pass and the gradients
+    (ImageNet code: ``clamp(0, 1)``), or not clipped at all (CIFAR code: ``_uq`` clamps with
+    ``max=1`` only; a negative ``u`` is projected as it is -- onto level 0 for PoT/APoT,
+    onto ``round(u n) / n < 0`` when uniform -- and its gradients are ``1`` for x and
+    ``q - u`` for alpha, as ``_uq.backward``).
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale):
+    def forward(ctx, x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_clip, grad_scale):
         dtype = x.dtype
         u = x.float() / alpha.float()
-        c = u.clamp(-1.0, 1.0) if signed else u.clamp(0.0, 1.0)
+        if signed:
+            c = u.clamp(-1.0, 1.0)
+        elif lower_clip:
+            c = u.clamp(0.0, 1.0)  # ImageNet code: data.clamp(0, 1)
+        else:
+            c = u.clamp(max=1.0)  # CIFAR code: input.clamp(max=1)
         mag = c.abs() if signed else c
         if n_uniform:
             q = (mag * n_uniform).round() / n_uniform
@@ -231,13 +248,13 @@ class _APoTFunction(torch.autograd.Function):
         if signed:
             q = q * c.sign()
         ctx.save_for_backward(u, q)
-        ctx.cfg = (signed, clip_x_grad, lower_grad, grad_scale, dtype, alpha.dtype)
+        ctx.cfg = (signed, clip_x_grad, lower_clip, grad_scale, dtype, alpha.dtype)
         return (q * alpha.float()).to(dtype)
 
     @staticmethod
     def backward(ctx, g):
         u, q = ctx.saved_tensors
-        signed, clip_x_grad, lower_grad, grad_scale, dtype, adtype = ctx.cfg
+        signed, clip_x_grad, lower_clip, grad_scale, dtype, adtype = ctx.cfg
         g32 = g.float()
         if signed:
             outside = u.abs() > 1
@@ -245,7 +262,7 @@ class _APoTFunction(torch.autograd.Function):
         else:
             outside = u > 1
             d_alpha = torch.where(outside, torch.ones_like(u), q - u)
-            if lower_grad:
+            if lower_clip:
                 below = u < 0
                 d_alpha = torch.where(below, torch.zeros_like(u), d_alpha)
                 outside = outside | below
@@ -268,11 +285,11 @@ def apot_quantize(
     signed: bool,
     n_uniform: int = 0,
     clip_x_grad: bool = True,
-    lower_grad: bool = True,
+    lower_clip: bool = True,
     grad_scale: float | None = None,
 ) -> torch.Tensor:
     """Functional form of the quantizer (see :class:`_APoTFunction`)."""
-    return _APoTFunction.apply(x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_grad, grad_scale)
+    return _APoTFunction.apply(x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_clip, grad_scale)
 
 
 # --- quantizer modules --------------------------------------------------------------------
@@ -340,7 +357,7 @@ class APoTQuantizer(Quantizer):
             self.thresholds,
             signed=False,
             n_uniform=self.n_uniform,
-            lower_grad=self.variant == "imagenet",
+            lower_clip=self.variant == "imagenet",
             grad_scale=self.grad_scale,
         )
 
@@ -452,7 +469,7 @@ class APoT(Method):
         """Load an official APoT checkpoint into ``model`` (see :func:`import_checkpoint`)."""
         import_checkpoint(obj, model, where)
 
-    def param_groups(self, model: nn.Module, recipe: dict) -> list[dict] | None:
+    def param_groups(self, model: nn.Module, recipe: Recipe) -> list[dict] | None:
         """As the official ``main.py``: every parameter (BatchNorm included) at the recipe's
         weight decay; the CIFAR variant gives the thresholds their own lr and decay."""
         o = self.options
@@ -461,7 +478,7 @@ class APoT(Method):
         w_lr = o.weight_alpha_lr or (CIFAR_ALPHA_GROUPS["weight_lr"] if cifar else None)
         a_wd = o.alpha_weight_decay
         if a_wd is None:
-            a_wd = CIFAR_ALPHA_GROUPS["weight_decay"] if cifar else recipe["weight_decay"]
+            a_wd = CIFAR_ALPHA_GROUPS["weight_decay"] if cifar else recipe.weight_decay
         acts, weights, rest = [], [], []
         for m in model.modules():
             for p in m.parameters(recurse=False):
@@ -471,7 +488,7 @@ class APoT(Method):
                     (weights if m.role == "weight" else acts).append(p)
                 else:
                     rest.append(p)
-        groups = [{"params": rest, "weight_decay": recipe["weight_decay"]}]
+        groups = [{"params": rest, "weight_decay": recipe.weight_decay}]
         for params, lr in ((acts, act_lr), (weights, w_lr)):
             if params:
                 g = {"params": params, "weight_decay": a_wd}
@@ -545,3 +562,8 @@ class APoTUniform(APoT):
     name = "apot_uniform"
     comment = "APoT with power=False (uniform levels); " + APoT.comment
     Options = APoTUniformOptions
+    #: 2: CIFAR variant, activations clipped from above only (the official ``clamp(max=1)``):
+    #: a negative input rounds to a negative level, with the official alpha gradient.
+    #: (``apot`` itself is unchanged: on its PoT/APoT levels a negative input projects onto
+    #: 0 with the same gradients either way.)
+    version = 2

@@ -5,7 +5,9 @@ Notation follows the papers: ``v`` is the real value, ``s`` a step size (scale),
 ``clip(round(v / s), -Q_N, Q_P)`` and the fake-quantized value ``v_hat = code * s``.
 
 Straight-through estimator (STE, Bengio et al. 2013): ``round`` passes the gradient
-through unchanged; ``clamp`` passes it inside the range and blocks it outside.
+through unchanged; clipping passes it inside the range, bounds included, and blocks it
+outside (:func:`fake_quant` builds that mask itself rather than relying on
+``torch.clamp``'s gradient at a bound).
 
 Every function here is shape- and memory-format-agnostic (elementwise or reducing over
 explicit dimensions), takes bit-widths and level counts as Python numbers and tables
@@ -58,8 +60,27 @@ def fake_quant(
 ) -> torch.Tensor:
     """Uniform affine fake-quantization with STE rounding:
     ``(clip(round(v/s) + z, -Q_N, Q_P) - z) * s``. ``scale`` broadcasts against ``v``
-    (per tensor: a scalar; per channel: shape [C, 1, 1, 1])."""
-    code = torch.clamp(round_ste(v / scale) + zero_point, -qn, qp)
+    (per tensor: a scalar; per channel: shape [C, 1, 1, 1]).
+
+    Gradients (the straight-through rule of torch's own fake-quantize ops,
+    ``torch.fake_quantize_per_tensor_affine``: mask ``Q_min <= round(v/s) + z <= Q_max``):
+
+    * w.r.t. ``v``: 1 where the code ``round(v/s) + z`` lies in ``[-Q_N, Q_P]``, bounds
+      included, 0 where it was clipped. The mask is built explicitly from the rounded code,
+      not left to ``torch.clamp``'s gradient, whose value at exactly a bound has differed
+      across torch versions (0, 1/2 or 1 depending on the version and on whether the bounds
+      are numbers or tensors).
+    * w.r.t. ``scale`` (when it requires grad; qbench's min-max quantizers detach it):
+      ``round(v/s) - v/s`` inside (the code minus the scaled input, LSQ's eq. 3) and the
+      clipped code ``-Q_N - z`` / ``Q_P - z`` outside; w.r.t. ``zero_point``: 0 inside and
+      ``-s`` outside. These are the gradients of torch's learnable fake-quantize
+      (``torch._fake_quantize_learnable_per_tensor_affine``) for an integer zero point.
+    """
+    code = round_ste(v / scale) + zero_point  # gradient 1/s w.r.t. v, as if not rounded
+    c = code.detach()
+    inside = (c >= -qn) & (c <= qp)
+    # inside: the straight-through code; outside: the bound, a constant for v and s
+    code = torch.where(inside, code, c.clamp(-qn, qp))
     return (code - zero_point) * scale
 
 

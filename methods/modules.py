@@ -132,6 +132,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
+
 def _wrap(module: nn.Module, wq: Quantizer, aq: Quantizer) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         new = QuantConv2d.__new__(QuantConv2d)

@@ -8,7 +8,15 @@
   calibration batches (post-training quantization), then, if the recipe trains
   (quantization-aware training), tracked by an exponential moving average
   (momentum 0.9) with straight-through rounding.
+* Gradients (straight-through, :func:`~qbench.methods.functional.fake_quant`): 1 w.r.t.
+  the input wherever its integer code ``round(v/s) + z`` lies in the grid, both end codes
+  included, 0 where it was clipped -- the rule of torch's own fake-quantize ops
+  (``torch.fake_quantize_per_tensor_affine``). Scales and zero points are statistics of
+  the tensors (no gradient).
 * First and last layers: 8 bits by default (``first_last`` option).
+
+Version 2: elements whose code lands exactly on an end of the grid keep their gradient
+(version 1 took it from ``torch.clamp``, which gives 0 there on recent torch).
 
 References: Jacob et al., "Quantization and Training of Neural Networks for Efficient
 Integer-Arithmetic-Only Inference", CVPR 2018 (asymmetric activations, EMA ranges);
@@ -105,6 +113,8 @@ class Uniform(Method):
     weight_bits = tuple(range(2, 33))
     act_bits = tuple(range(2, 33))
     Options = UniformOptions
+    #: 2: the straight-through gradient also passes at the end codes of the grid
+    version = 2
 
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         return quantize_model(

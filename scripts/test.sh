@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and run the test suite: a virtualenv with qbench and its test
-# extras, Debian's chromium for the leaderboard's browser tests, then pytest.
+# extras, Debian's chromium for the leaderboard's browser tests, ruff (lint and format
+# check), then pytest.
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/test_suite.py -x`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +15,7 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "note: /usr/bin/chromium is missing (apt-get install chromium); the browser tests will be skipped"
   fi
 fi
+# lint and format first: a few seconds, and the same check CI applies
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

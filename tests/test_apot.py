@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 from qbench.harness.errors import QbenchError
 from qbench.harness.models import create_model
-from qbench.methods import get_method
+from qbench.methods import Recipe, get_method
 from qbench.methods.apot import (
     APoT,
     APoTQuantizer,
@@ -260,7 +260,7 @@ def test_method_registered_and_prepares_resnet20():
     y = m(x)
     y.sum().backward()
     assert m.layer1[0].conv1.act_quantizer.alpha.grad is not None
-    groups = APoT(4, 4).param_groups(m, {"weight_decay": 1e-4, "lr": 0.04})
+    groups = APoT(4, 4).param_groups(m, Recipe(weight_decay=1e-4, lr=0.04))
     lrs = sorted(g.get("lr", 0.04) for g in groups)
     assert lrs == [0.02, 0.04, 0.1]  # official CIFAR: act alpha 0.1, weight alpha 0.02
 
@@ -297,7 +297,7 @@ def test_official_key_mapping_and_import_errors():
 def test_trains_a_few_steps_on_cpu():
     torch.manual_seed(0)
     model = APoT(3, 3).prepare(create_model("resnet20", num_classes=10))
-    opt = torch.optim.SGD(APoT(3, 3).param_groups(model, {"weight_decay": 1e-4}), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(APoT(3, 3).param_groups(model, Recipe(weight_decay=1e-4)), lr=0.01, momentum=0.9)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
     a0 = model.layer1[0].conv1.act_quantizer.alpha.item()
     for _ in range(3):

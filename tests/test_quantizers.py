@@ -126,8 +126,9 @@ def test_lq_weight_init_follows_official_code():
 
 
 def test_lq_qem_moving_average_step_in_training_only():
-    """One training forward: codes from the current basis, then v <- 0.9 v + 0.1 v*,
-    v* the ridge least-squares basis (official delta) for those codes, per channel."""
+    """One training forward: codes from the current basis, then the basis moves to v*, the
+    ridge least-squares basis (official delta) for those codes, per channel: the first
+    update of TF's zero-debiased moving average (0.1 v* / (1 - 0.9)) is v* itself."""
     torch.manual_seed(0)
     w = _randn(4, 2, 3, 3, scale=0.2)
     q = LQQuantizer(2, signed=True, groups=4, fan=36)
@@ -146,7 +147,7 @@ def test_lq_qem_moving_average_step_in_training_only():
         lhs = b.t() @ b + 1e-4 * torch.eye(2)
         rhs = b.t() @ rows[c] + 1e-4 * old[:, c]
         v_star = torch.linalg.solve(lhs, rhs)
-        assert torch.allclose(q.basis[:, c], 0.9 * old[:, c] + 0.1 * v_star, atol=1e-6)
+        assert torch.allclose(q.basis[:, c], v_star, atol=1e-6)
     # per-channel scale groups hold at most 2^K values
     assert all(torch.unique(g).numel() <= 4 for g in q.groups(y))
 

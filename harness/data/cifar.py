@@ -336,7 +336,7 @@ def _load(
     )
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", shape=(10, 3, 32))
 def cifar10(
     root: str | None = None,
     *,
@@ -368,7 +368,7 @@ def cifar10(
     )
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", shape=(100, 3, 32))
 def cifar100(
     root: str | None = None,
     *,

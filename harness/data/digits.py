@@ -16,7 +16,7 @@ from . import register_dataset
 from .base import DataBundle, TensorSplit
 
 
-@register_dataset("digits")
+@register_dataset("digits", shape=(10, 1, 8))
 def digits(root: str | None = None, **_options) -> DataBundle:
     """scikit-learn's handwritten digits, 8x8 grey, embedded (1,437 train / 360 test, fixed split)."""
     from sklearn.datasets import load_digits

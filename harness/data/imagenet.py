@@ -90,7 +90,7 @@ def _split_folder(base: Path, split: str, cache_dir) -> tuple[Path | None, list[
     return (inner if inner.is_dir() else out), [out]
 
 
-@register_dataset("imagenet")
+@register_dataset("imagenet", shape=(1000, 3, 224))
 def imagenet(
     root: str | None = None,
     *,

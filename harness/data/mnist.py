@@ -98,7 +98,7 @@ def _load_split(paths: tuple[Path, Path]) -> dict:
     }
 
 
-@register_dataset("mnist")
+@register_dataset("mnist", shape=(10, 1, 28))
 def mnist(
     root: str | None = None,
     *,
