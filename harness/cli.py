@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -81,6 +82,18 @@ def list_cmd(what: str) -> None:
             click.echo(f"{name:18s} {doc[0] if doc else ''}")
 
 
+def writable_folder(out: Path) -> None:
+    """Create ``out`` and check that files can be written in it, or a one-line QbenchError."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".qbench-write-check-"):
+            pass
+    except OSError as e:
+        raise QbenchError(
+            f"cannot write to the output folder ({e.strerror or e}); choose another --out", str(out)
+        ) from None
+
+
 @contextlib.contextmanager
 def out_lock(out: Path):
     """One ``qbench run`` per output folder at a time: a second one is refused at once
@@ -122,6 +135,10 @@ def _ctx(out: str, tracking_uri: str | None, data_root: str | None, force: bool 
     from .tracking import default_uri
 
     outp = Path(out)
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        from .tracking import probe_server
+
+        probe_server(tracking_uri)  # a server that is down: one line in seconds, before anything else
     return RunContext(
         out_dir=outp.resolve(), tracking_uri=tracking_uri or default_uri(outp), data_root=data_root, force=force
     )
@@ -165,9 +182,9 @@ def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderb
     from .plan import check_devices, cpu_warning, estimate, human
     from .suite import load_suite
 
+    ctx = _ctx(out, tracking_uri, data_root, force)
     s = load_suite(suite or DEFAULT_SUITE)  # validates everything before anything runs
     device_list = check_devices(devices.split(",")) if devices else None
-    ctx = _ctx(out, tracking_uri, data_root, force)
     status = _statuses(s, ctx)
     pending = [c for c in s.cells if force or _status(status.get(c.id)) != "done"]
     if dry_run:
@@ -194,7 +211,7 @@ def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderb
     from .progress import Reporter
     from .report import print_results
 
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(ctx.out_dir)
     with out_lock(ctx.out_dir):
         reporter = Reporter(len(s.cells))
         try:
@@ -224,8 +241,8 @@ def show(suite, out, tracking_uri) -> None:
     """Print SUITE's expanded grid with each cell's status from the tracking store."""
     from .suite import load_suite
 
-    s = load_suite(suite)
     ctx = _ctx(out, tracking_uri, None)
+    s = load_suite(suite)
     status = _statuses(s, ctx)
     click.echo(f"suite {s.name}: {len(s.cells)} cells")
     click.echo(f"  {'cell id':16s}  {'status':8s} {'dataset':10s} {'model':16s} {'method':10s} {'bits':6s} seed  top-1")
@@ -257,7 +274,7 @@ def import_cmd(source, out, tracking_uri) -> None:
             raise QbenchError("no MLflow store here (expected a tracking URI or a folder with mlflow.db)", source)
         src = f"sqlite:///{db.resolve()}"
     ctx = _ctx(out, tracking_uri, None)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(ctx.out_dir)
     copied, skipped, outside = import_runs(src, ctx.tracker())
     click.echo(f"imported {copied} runs from {src} ({skipped} already here); store: {ctx.tracking_uri}")
     if outside:  # artifact locations of the source that point out of it: not followed

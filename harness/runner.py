@@ -106,7 +106,10 @@ def run_cell(
         CellState(cdir).clear()
     elif existing:
         resume_id = existing.run_id  # killed mid-run: reopen it and resume from its checkpoint
-    run_id = tracker.start(cell, resume_id)
+    try:
+        run_id = tracker.start(cell, resume_id)
+    except Exception as e:  # the store itself failed (a server lost mid-suite): this cell fails
+        return CellResult(cell.id, cell.label, "failed", error=f"the tracking store failed: {type(e).__name__}: {e}")
     try:
         metrics = _execute(cell, ctx, tracker, runs, run_id, report)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the epoch checkpoint stays, the next run resumes

@@ -33,6 +33,14 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# A team server that is down should cost seconds, not MLflow's default of minutes of retries
+# (the environment still overrides these).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+#: seconds the first contact with a tracking server may take before it is called unreachable
+PROBE_TIMEOUT_S = 5.0
 
 TAG = "qbench."
 STATUS = TAG + "status"
@@ -118,6 +126,28 @@ def environment_uncached() -> dict[str, Any]:
     return env
 
 
+def probe_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """One short request to an MLflow server before anything is logged: a server that is
+    down, unknown or that accepts and never answers is a one-line QbenchError within
+    ``timeout`` seconds. Any HTTP answer (even 401/404) means it is reachable."""
+    import urllib.error
+    import urllib.request
+
+    from .errors import QbenchError
+
+    url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (http/https only)
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            reason = f"no answer within {timeout:.0f} s"
+        raise QbenchError(f"the MLflow server is unreachable ({reason}); nothing was recorded", uri) from None
+
+
 def _owner() -> dict[str, str]:
     return {HOST: socket.gethostname(), PID: str(os.getpid())}
 
@@ -194,6 +224,8 @@ class Tracker:
                     "away to start a new store (every cell then runs again)",
                     db,
                 )
+        if uri.startswith(("http://", "https://")):
+            probe_server(uri)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
 
