@@ -45,8 +45,11 @@ class CellState:
         path = self.path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".pt.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
 
     def load(self, name: str) -> Any | None:
         path = self.path(name)

@@ -11,6 +11,7 @@ result). Where the dataset has a validation split, ``val_top1`` is logged per ep
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 import traceback
@@ -109,6 +110,7 @@ def run_cell(
     try:
         run_id = tracker.start(cell, resume_id)
     except Exception as e:  # the store itself failed (a server lost mid-suite): this cell fails
+        _stop_if_no_space(e, ctx)
         return CellResult(cell.id, cell.label, "failed", error=f"the tracking store failed: {type(e).__name__}: {e}")
     try:
         metrics = _execute(cell, ctx, tracker, runs, run_id, report)
@@ -118,7 +120,13 @@ def run_cell(
         except Exception:
             pass
         raise
-    except Exception as e:  # a failing cell never takes the suite down
+    except Exception as e:  # a failing cell never takes the suite down (a full disk does)
+        if no_space(e):
+            try:
+                tracker.finish(run_id, "killed", "no space left on the device; the next run resumes it")
+            except Exception:
+                pass
+            _stop_if_no_space(e, ctx)
         reason = f"{type(e).__name__}: {e}"
         tb = traceback.format_exc()
         try:
@@ -131,6 +139,35 @@ def run_cell(
     if replaces:
         tracker.delete(replaces)
     return CellResult(cell.id, cell.label, "done", metrics, run_id=run_id)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it: MLflow and SQLAlchemy wrap the OS's error) says the
+    disk, a quota or a file-size limit is full, or SQLite could not write its file."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        text = str(e)
+        if any(
+            m in text for m in ("No space left on device", "database or disk is full", "File too large", "disk I/O")
+        ):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _stop_if_no_space(e: BaseException, ctx: RunContext) -> None:
+    """A full disk fails every later cell too: stop the suite with one line instead."""
+    if no_space(e):
+        raise QbenchError(
+            "no space left on the device (or over a quota or file-size limit, or a disk I/O error) while writing "
+            "the store or a checkpoint; free some space and run the same command again: finished cells are kept",
+            str(ctx.out_dir),
+        ) from None
 
 
 @dataclass
@@ -244,8 +281,11 @@ def record(tracker: Tracker, run_id: str, metrics: dict, fp, model: torch.nn.Mod
     final = cdir / "model.pt"
     CellState(cdir).folder.mkdir(parents=True, exist_ok=True)
     tmp = final.with_suffix(".pt.tmp")
-    torch.save(cpu_state(model), tmp)
-    os.replace(tmp, final)
+    try:
+        torch.save(cpu_state(model), tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
     tracker.log_file(run_id, final, "checkpoint")
     tracker.set_tags(run_id, {RECORDED: "1"})  # finishing from here on is idempotent
 

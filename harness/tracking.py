@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import socket
@@ -38,6 +39,9 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
+# MLflow logs a traceback of every database error it then raises; qbench reports it itself.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 #: seconds the first contact with a tracking server may take before it is called unreachable
 PROBE_TIMEOUT_S = 5.0

@@ -79,3 +79,39 @@ def test_a_tracking_server_that_never_answers(tmp_path):
             assert "no answer within" in line and uri in line
             assert took < 30
     assert not (tmp_path / "out").exists()
+
+
+def _file_size_limit(nbytes: int):
+    """A file-size limit for the child (as a full disk: writes past it fail with EFBIG)."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return limit
+
+
+def test_a_full_disk_stops_the_suite_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    res, _ = qbench("run", str(SUITE), "--out", str(out), "--no-leaderboard")
+    assert res.returncode == 0, res.stderr
+    db = out / "mlflow.db"
+    limit = db.stat().st_size  # the store cannot grow by a single page
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "qbench.harness.cli", "run", str(SUITE.parent / "long.yaml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_file_size_limit(limit),
+    )
+    line = one_error_line(res)
+    assert "no space left" in line and str(out) in line
+    assert time.monotonic() - t0 < 60
+    assert not list(out.rglob("*.tmp")), "no partial files left behind"
+    from qbench.harness.tracking import Tracker, default_uri
+
+    runs = Tracker(default_uri(out)).runs()
+    assert len(runs) == 3 and {r.status for r in runs.values()} == {"done"}, "the finished cells are kept"
