@@ -81,20 +81,13 @@ def _config_key(cell: Cell) -> tuple:
 def _time_step(cell: Cell, data, device: torch.device) -> float:
     """Seconds of one training step of ``cell`` (its model, method and batch size) on
     ``device``, on a batch shaped like the dataset's, after one warm-up step."""
-    from qbench.methods import MethodContext, get_method
+    from qbench.methods import MethodContext
 
-    from .models import create_model
+    from .runner import model_and_method
     from .train import default_param_groups, make_optimizer, make_train_step
 
     r = cell.typed_recipe
-    model = create_model(
-        cell.model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        image_size=data.image_size,
-        **cell.model_options,
-    )
-    method = get_method(cell.method)(cell.w_bits, cell.a_bits, **cell.options)
+    model, method = model_and_method(cell, data)
     x0, _ = next(iter(data.train.batches(min(r.batch_size, len(data.train)), train=False, device=device)))
     reps = -(-r.batch_size // x0.shape[0])
     x = x0.repeat(reps, *([1] * (x0.dim() - 1)))[: r.batch_size]

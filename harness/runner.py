@@ -182,17 +182,10 @@ class Built:
     progressive: bool
 
 
-def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> Built:
-    """Data, the full-precision model (parent weights loaded), the method's prepared model
-    and its context: everything the cell's training needs, on the cell's device."""
-    import copy
-
+def model_and_method(cell: Cell, data) -> tuple[torch.nn.Module, Method]:
+    """The cell's full-precision model for the dataset's shape, and its method instance."""
     from .models import create_model
 
-    r = cell.typed_recipe
-    device = torch.device(ctx.device)
-    generator = seed_everything(cell.seed)
-    data = _dataset(cell, ctx)
     model = create_model(
         cell.model,
         num_classes=data.num_classes,
@@ -200,7 +193,19 @@ def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str
         image_size=data.image_size,
         **cell.model_options,
     )
-    method = get_method(cell.method)(cell.w_bits, cell.a_bits, **cell.options)
+    return model, get_method(cell.method)(cell.w_bits, cell.a_bits, **cell.options)
+
+
+def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> Built:
+    """Data, the full-precision model (parent weights loaded), the method's prepared model
+    and its context: everything the cell's training needs, on the cell's device."""
+    import copy
+
+    r = cell.typed_recipe
+    device = torch.device(ctx.device)
+    generator = seed_everything(cell.seed)
+    data = _dataset(cell, ctx)
+    model, method = model_and_method(cell, data)
     parent = parent_state(cell, ctx, tracker, runs) if cell.parent else None
     from_fp = parent is not None and cell.parent_method == "fp32"
     if from_fp:

@@ -877,6 +877,22 @@ def _build_on_meta(b: _Build) -> None:
     return None
 
 
+def _baseline(spec: SuiteFile, exp: Experiment, options: dict, version: int, seed: int, common: dict) -> Cell:
+    """The full-precision baseline cell of one experiment's dataset/model for ``seed``."""
+    r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, exp.baseline.recipe)).model_dump()
+    return Cell(
+        method="fp32",
+        w_bits=32,
+        a_bits=32,
+        seed=seed,
+        recipe=r,
+        options=options,
+        method_version=version,
+        comment=exp.baseline.comment or exp.comment,
+        **common,
+    )
+
+
 def expand(spec: SuiteFile, path: Path) -> list[Cell]:
     """Validate names, options and recipes against the registries and build the cells,
     parents before children, each cell once."""
@@ -983,40 +999,14 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
                     model_options=mopts,
                     tolerance=spec.tolerance,
                 )
-                baselines = {}
-                for s in seeds:
-                    r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, exp.baseline.recipe)).model_dump()
-                    baselines[s] = add(
-                        Cell(
-                            method="fp32",
-                            w_bits=32,
-                            a_bits=32,
-                            seed=s,
-                            recipe=r,
-                            options=base_opts,
-                            method_version=fp32.version,
-                            comment=exp.baseline.comment or exp.comment,
-                            **common,
-                        )
-                    )
+
+                baselines = {s: add(_baseline(spec, exp, base_opts, fp32.version, s, common)) for s in seeds}
                 for entry, cls, opts in entries:
                     init = entry.init or ("scratch" if cls.init == "scratch" else "baseline")
                     for s in entry.seeds or seeds:
                         prev: Cell | None = baselines.get(s)
                         if prev is None:  # entry-specific seed: its own baseline
-                            r = Recipe(**_merge(spec.defaults.recipe, exp.recipe, exp.baseline.recipe)).model_dump()
-                            prev = add(
-                                Cell(
-                                    method="fp32",
-                                    w_bits=32,
-                                    a_bits=32,
-                                    seed=s,
-                                    recipe=r,
-                                    options=base_opts,
-                                    method_version=fp32.version,
-                                    **common,
-                                )
-                            )
+                            prev = baselines[s] = add(_baseline(spec, exp, base_opts, fp32.version, s, common))
                         for b in entry.bits:
                             r = Recipe(
                                 **_merge(
