@@ -1,43 +1,55 @@
-"""Deterministic CPU evaluation: the same logits whatever the thread count or machine load.
+"""Deterministic CPU evaluation: the same logits whatever the thread count, backend, batch
+size, machine load or CPU.
 
 Why. A quantized network rounds every activation (and, with weight normalisation, every
 weight) to a level, so a value that lands within an ulp of a decision threshold goes one
-way or the other depending on the last bit of the sum that produced it. On the CPU that
-last bit depends on things that have nothing to do with the model:
+way or the other depending on the last bit of the sum that produced it, and the flip
+propagates to the logits. On the CPU that last bit depends on things that have nothing to
+do with the model:
 
-* the convolution algorithm and its blocking: oneDNN (``torch.backends.mkldnn``) picks its
-  kernel and splits the reduction by the number of threads, and the fallback
-  (im2col + BLAS GEMM) blocks by thread count too;
+* the convolution backend and kernel: oneDNN (``torch.backends.mkldnn``, the default),
+  NNPACK (used when oneDNN is off and the batch has at least 16 images; a fast, less
+  exact algorithm) or im2col + BLAS GEMM (small batches, or both off), and within oneDNN
+  and BLAS the kernel picked for the CPU's instruction set and the tensor shapes (the
+  same image gave different float32 results in a batch of 1 and in a batch of 100);
 * every large reduction: ``Tensor.sum``/``mean``/``std`` split their input among the
-  threads once it exceeds the grain size (32,768 elements), so e.g. the mean of a
-  64x64x3x3 weight (36,864 elements), which APoT's weight normalisation divides by,
-  differs in its last bit between 1 and 2 threads.
+  threads above the grain size (32,768 elements), so e.g. the mean of a 64x64x3x3 weight
+  (36,864 elements), which APoT's weight normalisation divides by, can differ in its last
+  bit between 1 and 2 threads.
 
-With the released APoT ResNet-20 checkpoints this moved the 4-bit model's top-1 on the
-10,000 CIFAR-10-JPEG test images by 0.1 point (10 images) between settings.
+Measured on the released APoT ResNet-20 4-bit checkpoint (10,000 CIFAR-10-JPEG test
+images, ``docs/benchmarks.md``): oneDNN and NNPACK disagree on 87 predictions (top-1 82.92
+vs 82.81), the same pinned computation gives 82.88 (0 differences for 1 to 8 threads, with
+and without two CPU-burning processes beside it).
 
 What :func:`deterministic_cpu` pins, for the duration of the ``with`` block:
 
-* ``torch.set_num_threads(1)``: one thread, so no reduction is split by thread count and
-  nothing depends on how many cores are free (an OpenMP team of 2 on 2 busy cores is also
-  far slower than one thread);
-* ``torch.backends.mkldnn`` off: one convolution backend, whatever oneDNN would choose;
-* convolutions and linear layers (``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``,
-  ``linear``, ``matmul``, ``mm``, ``bmm``, ``addmm``) of float32 tensors computed in float64
-  and rounded back to float32: the float64 result is within ~1e-16 (relative) of the exact
-  sum whatever the order of summation, so its rounding to float32 is (up to a double
-  rounding, which needs the exact value within ~1e-16 of a float32 rounding midpoint)
-  the correctly rounded exact result, the same for every algorithm, blocking, instruction
-  set and machine. The boundary-sensitive part therefore cannot move. Other dtypes and
-  devices pass through untouched.
+* ``torch.set_num_threads(1)`` (``threads``): a fixed thread count, so no reduction is
+  split by the number of threads (and nothing depends on how many cores are free);
+* oneDNN and NNPACK off: one convolution backend whatever the flags, batch size or
+  thread count would have chosen;
+* the boundary-sensitive operations in float64 (with ``float64``, the default): the long
+  sums of products (``conv1d/2d/3d``, ``conv_transpose*``, ``linear``, ``bilinear``,
+  ``matmul``, ``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``einsum``) and the reductions
+  (``sum``, ``mean``, ``std``, ``var``, ``std_mean``, ``var_mean``, ``nansum``,
+  ``nanmean``) of float32 CPU tensors are computed in float64 and rounded back to float32.
+  Products of float32 numbers are exact in float64 and the float64 sum is within ~1e-16
+  (relative) of the exact one whatever the order of summation, so its rounding to float32
+  is the correctly rounded exact result unless the exact value lies within ~1e-16 of a
+  float32 rounding midpoint: the same for every algorithm, blocking, thread count,
+  instruction set and machine. The boundary-sensitive part therefore cannot move. Other
+  dtypes and devices, and calls with ``dtype=`` or ``out=``, pass through untouched.
 
-Everything is restored on exit (also on an exception). Elementwise operations (BatchNorm in
-eval mode, ReLU, the quantizers' projections, additions) compute each element on its own
-and need nothing pinned.
+Elementwise operations (BatchNorm in eval mode, ReLU, additions, pooling windows, the
+quantizers' projections) compute each element on its own and need nothing pinned.
+Everything is restored on exit, also after an exception.
 
-Cost: one thread and float64 convolutions make CPU evaluation slower than the defaults
-(measured on the APoT ResNet-20 test, see ``docs/benchmarks.md``); CUDA evaluation is not
-affected (the harness only enters this on the CPU).
+Cost (same machine, 4-bit checkpoint above, 10,000 images): 155 s on one thread pinned vs
+88 s with the defaults on 2 threads; float64 convolutions are slower than oneDNN's
+float32 ones (there is no float64 oneDNN kernel). ``threads=None`` keeps the caller's
+thread count (the float64 results above were bit-identical for 1 to 8 threads; 130 s on 2
+threads) for a caller that prefers speed to the pinned count. CUDA evaluation is not
+affected: the harness enters this only on the CPU (``train.evaluate``).
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from torch.overrides import TorchFunctionMode
 
 #: the boundary-sensitive operations: every output element is a long sum of products
 _PRODUCTS = (
+    torch.convolution,
     torch.conv1d,
     torch.conv2d,
     torch.conv3d,
@@ -71,8 +84,8 @@ _PRODUCTS = (
     torch.Tensor.bmm,
     torch.Tensor.addmm,
 )
-#: full reductions whose float32 result depends on how the input is split among threads
-#: (and on the vector width): e.g. the mean and standard deviation of weight normalisation
+#: reductions, whose float32 result depends on how the input is split among threads (and
+#: on the vector width): e.g. the mean and standard deviation of weight normalisation
 _REDUCTIONS = (
     torch.sum,
     torch.mean,
@@ -96,9 +109,10 @@ def _is_f32_cpu(x: object) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-class Float64Products(TorchFunctionMode):
-    """Compute the :data:`_WIDENED` operations of float32 CPU tensors in float64 and
-    round the result back to float32 (see the module docstring)."""
+class Float64Sums(TorchFunctionMode):
+    """Compute the sums of products and the reductions (:data:`_WIDENED`) of float32 CPU
+    tensors in float64 and round the results back to float32 (see the module docstring).
+    Everything else, and those operations on other dtypes or devices, pass through."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -119,7 +133,7 @@ class Float64Products(TorchFunctionMode):
 def deterministic_cpu(threads: int | None = 1, float64: bool = True, enabled: bool = True) -> Iterator[None]:
     """Pin what decides the last bits of a CPU forward pass (see the module docstring):
     ``threads`` intra-op threads (None: leave the count as it is), oneDNN and NNPACK off
-    and, with ``float64``, products and full reductions in float64. Restores the thread
+    and, with ``float64``, sums of products and reductions in float64. Restores the thread
     count, the backend flags and the function mode on exit, also after an exception.
     ``enabled=False`` does nothing (e.g. ``enabled=device.type == "cpu"``)."""
     if not enabled:
@@ -131,7 +145,7 @@ def deterministic_cpu(threads: int | None = 1, float64: bool = True, enabled: bo
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        with Float64Products() if float64 else contextlib.nullcontext():
+        with Float64Sums() if float64 else contextlib.nullcontext():
             yield
     finally:
         torch.set_num_threads(previous)
