@@ -44,12 +44,15 @@ Elementwise operations (BatchNorm in eval mode, ReLU, additions, pooling windows
 quantizers' projections) compute each element on its own and need nothing pinned.
 Everything is restored on exit, also after an exception.
 
-Cost (same machine, 4-bit checkpoint above, 10,000 images): 155 s on one thread pinned vs
-88 s with the defaults on 2 threads; float64 convolutions are slower than oneDNN's
-float32 ones (there is no float64 oneDNN kernel). ``threads=None`` keeps the caller's
-thread count (the float64 results above were bit-identical for 1 to 8 threads; 130 s on 2
-threads) for a caller that prefers speed to the pinned count. CUDA evaluation is not
-affected: the harness enters this only on the CPU (``train.evaluate``).
+Cost (2-core machine, 10,000 CIFAR-10 images, the released APoT ResNet-20 checkpoints at
+32 / 4 / 3 / 2 bits): 48 / 104 / 87 / 83 s pinned on one thread, against 15 / 44 / 42 /
+39 s (30 / 86 / 82 / 75 CPU-seconds) with the defaults (oneDNN, 2 threads); about half of
+the pinned time is the quantizers, the same in both. There is no float64 oneDNN kernel;
+float64 convolutions take the im2col + GEMM path, a few images at a time
+(:data:`CHUNK_BYTES`). ``threads=None`` keeps the caller's thread count (the float64
+results were bit-identical for 1 to 8 threads) for a caller that prefers speed to the
+pinned count. CUDA evaluation is not affected: the harness enters this only on the CPU
+(``train.evaluate``).
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-#: the boundary-sensitive operations: every output element is a long sum of products
-_PRODUCTS = (
+#: convolutions (batch first): every output element is a long sum of products
+_CONVS = (
     torch.convolution,
     torch.conv1d,
     torch.conv2d,
@@ -70,6 +73,9 @@ _PRODUCTS = (
     torch.conv_transpose1d,
     torch.conv_transpose2d,
     torch.conv_transpose3d,
+)
+#: the boundary-sensitive operations: every output element is a long sum of products
+_PRODUCTS = _CONVS + (
     F.linear,
     F.bilinear,
     torch.matmul,
@@ -103,30 +109,49 @@ _REDUCTIONS = (
     torch.Tensor.nanmean,
 )
 _WIDENED = frozenset(_PRODUCTS + _REDUCTIONS)
+_CONV_SET = frozenset(_CONVS)
+#: bytes of float64 unfolded input (im2col) per chunk of a convolution: small enough to
+#: stay in the allocator's heap and the caches (a whole batch of 1,000 CIFAR images is
+#: 1.2 GB at ResNet-20's first stage, mapped and page-faulted anew by every call: the
+#: convolution took 4.5 times longer, half of it in the kernel)
+CHUNK_BYTES = 4 << 20
 
 
 def _is_f32_cpu(x: object) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+def _wide(x: object) -> object:
+    return x.double() if isinstance(x, torch.Tensor) else x
+
+
 class Float64Sums(TorchFunctionMode):
     """Compute the sums of products and the reductions (:data:`_WIDENED`) of float32 CPU
     tensors in float64 and round the results back to float32 (see the module docstring).
-    Everything else, and those operations on other dtypes or devices, pass through."""
+    Everything else, and those operations on other dtypes or devices, pass through.
+    Batched convolutions run :data:`CHUNK_BYTES` of images at a time (an image's result
+    does not depend on the others: bit-identical for batches of 1 to 1,000)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _WIDENED and "out" not in kwargs and "dtype" not in kwargs:
-            flat = list(args) + list(kwargs.values())
-            tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-            if tensors and all(_is_f32_cpu(t) for t in tensors):
-                args = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
-                kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-                out = func(*args, **kwargs)
-                if isinstance(out, tuple):  # std_mean, var_mean
-                    return tuple(o.float() for o in out)
-                return out.float()
-        return func(*args, **kwargs)
+        if func not in _WIDENED or "out" in kwargs or "dtype" in kwargs:
+            return func(*args, **kwargs)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if not tensors or not all(_is_f32_cpu(t) for t in tensors):
+            return func(*args, **kwargs)
+        rest = tuple(_wide(a) for a in args[1:])
+        wide_kwargs = {k: _wide(v) for k, v in kwargs.items()}
+        x = args[0] if args else None
+        batched = func in _CONV_SET and isinstance(x, torch.Tensor) and len(rest) and x.dim() == rest[0].dim()
+        if batched and x.shape[0] > 1:
+            per_image = x[0].numel() * rest[0][0, 0].numel() * 8  # ~ its unfolded input
+            n = max(1, CHUNK_BYTES // max(1, per_image))
+            if x.shape[0] > n:
+                return torch.cat([func(c.double(), *rest, **wide_kwargs).float() for c in x.split(n)])
+        out = func(*(_wide(a) for a in args), **wide_kwargs)
+        if isinstance(out, tuple):  # std_mean, var_mean
+            return tuple(o.float() for o in out)
+        return out.float()
 
 
 @contextlib.contextmanager

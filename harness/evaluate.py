@@ -125,7 +125,7 @@ def evaluate_checkpoint(
 
     from .data import load_dataset
     from .models import create_model
-    from .runner import measure, record
+    from .runner import NOTATION, measure, record
 
     t0 = time.perf_counter()
     path = Path(checkpoint)
@@ -197,6 +197,7 @@ def evaluate_checkpoint(
                 "qbench.source": "evaluate",
                 "qbench.checkpoint_sha256": digest,
                 "qbench.split": split,
+                **({NOTATION: m.notation()} if m.notation() else {}),
             },
         )
         metrics["wall_time_s"] = time.perf_counter() - t0

@@ -28,10 +28,12 @@ from .errors import QbenchError
 from .fit import CellState, Trainer, cpu_state
 from .models.weights import safe_load
 from .suite import Cell
-from .tracking import RECORDED, RunRecord, Tracker
+from .tracking import RECORDED, TAG, RunRecord, Tracker
 from .train import evaluate, seed_everything
 
 Report = Callable[..., None]
+#: the run tag the leaderboard reads as the A/W notation (``Run.tag("notation")``)
+NOTATION = TAG + "notation"
 
 
 @dataclass
@@ -196,6 +198,16 @@ def model_and_method(cell: Cell, data) -> tuple[torch.nn.Module, Method]:
     return model, get_method(cell.method)(cell.w_bits, cell.a_bits, **cell.options)
 
 
+def tag_notation(cell: Cell, tracker: Tracker, run_id: str) -> None:
+    """Tag the run with the method's :meth:`~qbench.methods.Method.notation` (``qbench.notation``),
+    if it has one. Done before the data and model are built, so that a cell failing later still
+    meets only the reported rows of its own notation (a product-quantization regime, say).
+    The instance is a throwaway: constructing a method only validates its options."""
+    notation = get_method(cell.method)(cell.w_bits, cell.a_bits, **cell.options).notation()
+    if notation:
+        tracker.set_tags(run_id, {NOTATION: notation})
+
+
 def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> Built:
     """Data, the full-precision model (parent weights loaded), the method's prepared model
     and its context: everything the cell's training needs, on the cell's device."""
@@ -203,6 +215,7 @@ def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str
 
     r = cell.typed_recipe
     device = torch.device(ctx.device)
+    tag_notation(cell, tracker, run_id)
     generator = seed_everything(cell.seed)
     data = _dataset(cell, ctx)
     model, method = model_and_method(cell, data)

@@ -38,7 +38,7 @@ from . import svg
 from .methods_info import registered_methods
 from .reported import load_reported
 from .runs import Run, fetch_runs, public_uri, run_url
-from .table import BADGES, MIB, PRIMARY_METRIC, SECTIONS, build_table
+from .table import BADGES, MIB, PRIMARY_METRIC, SECTIONS, SIZE_FLAGS, SIZE_TOLERANCE_MB, build_table
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 SCRIPT = (TEMPLATES / "leaderboard.js").read_text(encoding="utf-8") if (TEMPLATES / "leaderboard.js").exists() else ""
@@ -145,7 +145,7 @@ def _env() -> Environment:
         sv=sort_value,
         href=safe_href,
     )
-    env.globals.update(finite=_finite, badges=BADGES)
+    env.globals.update(finite=_finite, badges=BADGES, size_flags=SIZE_FLAGS, size_tolerance=SIZE_TOLERANCE_MB)
     return env
 
 

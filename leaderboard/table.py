@@ -14,6 +14,11 @@ suite's tolerance (run tag ``qbench.tolerance``, default 0.5 points): ``within``
 
 A/W is written as EasyQuantization does: activation bits / weight bits (``2/2``, ``32/32``),
 or the ``notation`` of the reported row or the run's ``qbench.notation`` tag (``ter/ter``).
+
+``size_flag`` sets the reproduced size beside the paper's (``size_mb`` vs
+``reported_size_mb``, MB = 2^20 bytes): ``match`` when they differ by at most
+:data:`SIZE_TOLERANCE_MB` (the papers print sizes to 2 decimals), ``differs`` otherwise,
+empty when either is missing.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ BADGES = {
     "failed": "failed",
 }
 MIB = 2**20  # the papers' "MB" (a ResNet-18 at 32 bits is 44.6 MB)
+#: half the last printed digit of a paper's "1.54 MB": closer than this is the same size
+SIZE_TOLERANCE_MB = 0.005
+SIZE_FLAGS = {"match": "the paper's size, to its 2 decimals", "differs": "not the paper's size"}
 
 COLUMNS = [
     "section",
@@ -80,6 +88,7 @@ COLUMNS = [
     "source",
     "variant",
     "reported_size_mb",
+    "size_flag",
     "reported_compression_ratio",
     "reported_rel_bops",
     "suite",
@@ -153,6 +162,17 @@ def _join_comment(*parts: str) -> str:
         if p and p not in seen:
             seen.append(p)
     return " · ".join(seen)
+
+
+def size_flag(size_mb: float, reported_size_mb: float) -> str:
+    """``match`` (within :data:`SIZE_TOLERANCE_MB`), ``differs``, or ``""`` without both sizes."""
+    try:
+        a, b = float(size_mb), float(reported_size_mb)
+    except (TypeError, ValueError):
+        return ""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return ""
+    return "match" if abs(a - b) <= SIZE_TOLERANCE_MB + 1e-9 else "differs"
 
 
 def _badge(delta: float, tolerance: float) -> str:
@@ -324,6 +344,7 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
         else:
             row["badge"] = "failed" if row["status"] == "failed" else "not-run"
         row["comment"] = _join_comment(row["reported_comment"], row["suite_comment"], row["method_comment"])
+        row["size_flag"] = size_flag(row["size_mb"], row["reported_size_mb"])
 
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:

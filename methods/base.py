@@ -15,6 +15,7 @@ A distribution may also ship the numbers its paper reported: the entry-point gro
 Life of a cell, as the runner drives it (every hook it calls is declared here)::
 
     method = MethodCls(w_bits, a_bits, **options)       # options validated by ``Options``
+    method.notation()                                   # the run's qbench.notation tag (A/W label)
     method.load_parent(model, state, "fp32")            # from the full-precision parent
     model = method.prepare(model, ctx)                  # swap/wrap layers
     method.load_parent(model, state, method.name)       # progressive chains: after prepare
@@ -222,6 +223,14 @@ class Method:
         from .footprint import footprint
 
         return footprint(model, example)
+
+    def notation(self) -> str:
+        """How the leaderboard writes this configuration when the bits alone do not say it
+        (e.g. the product-quantization regime: ``small blocks``, ``large blocks``); empty when
+        the W/A bits do. The runner records it as the run's ``qbench.notation`` tag; it must
+        equal the ``notation`` of the reported rows the run is compared with (a run and a
+        reported row that both carry one meet only when they agree)."""
+        return ""
 
     def import_checkpoint(self, obj: Any, model: nn.Module, where: str | None = None) -> None:
         """Load a paper's released checkpoint (already read with ``weights_only=True``) into

@@ -79,6 +79,24 @@ def test_pinned_sums_are_exact_in_every_order():
             assert bool((_conv_sums(order) == 1).all())
 
 
+def test_pinned_convolutions_do_not_depend_on_the_batch():
+    """Batched convolutions are evaluated a few images at a time (``CHUNK_BYTES``); each
+    image's result is the float64 one rounded, whatever batch it came in."""
+    from qbench.harness.determinism import CHUNK_BYTES
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 16, 32, 32, generator=g)
+    w = torch.randn(8, 16, 3, 3, generator=g)
+    assert 16 * 32 * 32 * 9 * 8 * 24 > CHUNK_BYTES  # the batch is split
+    with deterministic_cpu():
+        whole = F.conv2d(x, w, padding=1, stride=2)
+        single = torch.cat([F.conv2d(x[i : i + 1], w, padding=1, stride=2) for i in range(24)])
+        unbatched = F.conv2d(x[5], w, padding=1, stride=2)
+    assert whole.dtype == torch.float32 and whole.shape == (24, 8, 16, 16)
+    assert torch.equal(whole, single) and torch.equal(whole[5], unbatched)
+    assert torch.equal(whole, F.conv2d(x.double(), w.double(), padding=1, stride=2).float())
+
+
 def test_pinned_reductions_do_not_depend_on_threads():
     """The mean of a 64x64x3x3 weight (36,864 elements, above the 32,768 grain size) is split
     among threads in float32; pinned, it is the same with 1 and 2 threads."""

@@ -16,16 +16,19 @@ import shutil
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from pydantic import BaseModel, ConfigDict
 from qbench.harness.cli import cli
 from qbench.leaderboard import build_site, build_table, leaderboard_table
 from qbench.leaderboard.export import to_csv, to_json, to_markdown
 from qbench.leaderboard.reported import load_reported
 from qbench.leaderboard.runs import fetch_runs
 from qbench.leaderboard.site import render_site
+from qbench.methods import Method, Paper
 
 XSS = "<script>alert(1)</script>"
 
@@ -543,3 +546,129 @@ def test_tracking_uri_credentials_are_not_published(store, reported, tmp_path):
     assert "https://mlflow.example.org:5000/#/experiments/" in next(
         p.read_text() for p in (tmp_path / "runs").glob("*.html")
     )
+
+
+# -- product-quantization regimes: notation, and the size beside the paper's ----------------
+
+PQ_REPORTED = textwrap.dedent("""\
+    paper: {key: pqdemo, title: "PQ demo", authors: "A. Author", venue: ICLR, year: 2020}
+    rows:
+      - {dataset: digits, model: small_cnn, method: test_regimes, w_bits: 8, a_bits: 32,
+         notation: "small blocks", metric: top1, value: 90.0, source: "Table 1", size_mb: 1.54}
+      - {dataset: digits, model: small_cnn, method: test_regimes, w_bits: 8, a_bits: 32,
+         notation: "large blocks", metric: top1, value: 80.0, source: "Table 1", size_mb: 1.03}
+""")
+
+
+def test_size_flag_beside_the_papers_size_on_site_and_in_exports(tmp_path):
+    import io
+
+    from qbench.leaderboard.table import MIB
+
+    s = Store(tmp_path)
+    small, large = ({"qbench.notation": f"{r} blocks"} for r in ("small", "large"))
+    # 1.544 MB vs the paper's 1.54: the same to 2 decimals; 1.05 vs 1.03: not
+    s.run("test_regimes", 8, 32, 0, 89.0, cell_id="s", extra_tags=small, metrics={"size_bytes": 1.544 * MIB})
+    s.run("test_regimes", 8, 32, 0, 79.0, cell_id="l", extra_tags=large, metrics={"size_bytes": 1.05 * MIB})
+    s.run("fp32", 32, 32, 0, 97.0)  # no reported size: no flag
+    reported = load_reported([("methods/reported/pqdemo.yaml", PQ_REPORTED)])
+    t = leaderboard_table(s.uri, reported=reported)
+    sm, lg = _row(t, "test_regimes", "small blocks"), _row(t, "test_regimes", "large blocks")
+    assert (sm["size_flag"], sm["reported_size_mb"]) == ("match", 1.54)
+    assert (lg["size_flag"], lg["reported_size_mb"]) == ("differs", 1.03)
+    assert _row(t, "fp32", "32/32")["size_flag"] == ""
+    not_run = build_table([], reported, comments={})
+    assert list(not_run["size_flag"]) == ["", ""], "a reported size alone flags nothing"
+
+    back = pd.read_csv(io.StringIO(to_csv(t)), keep_default_na=False)
+    assert sorted(back["size_flag"]) == ["", "differs", "match"]
+    assert {r["aw"]: r["size_flag"] for r in json.loads(to_json(t))}["large blocks"] == "differs"
+
+    runs = fetch_runs(s.uri, details=True)
+    index = render_site(t, runs, tmp_path / "site", s.uri, reported=reported).read_text()
+    row_html = {
+        m.group(1): m.group(0)
+        for m in re.finditer(r'<tr data-dataset="digits"[^>]*data-aw="(\w+) blocks".*?</tr>', index, re.S)
+    }
+    assert sorted(row_html) == ["large", "small"]
+    assert "1.54" in row_html["small"] and "paper 1.54" in row_html["small"]
+    assert 'class="badge b-size-match"' in row_html["small"] and ">size match<" in row_html["small"]
+    assert "1.05" in row_html["large"] and "paper 1.03" in row_html["large"]
+    assert 'class="badge b-size-differs"' in row_html["large"] and "+0.0200 MB" in row_html["large"]
+
+
+class _Regimes(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    regime: Literal["small", "large"] = "small"
+    fail: bool = False
+
+
+class RegimesMethod(Method):
+    """A product-quantization stand-in: one bit-width, two regimes told apart by notation."""
+
+    name = "test_regimes"
+    paper = Paper(title="test", authors="qbench", venue="tests", year=2026)
+    Options = _Regimes
+
+    def notation(self) -> str:
+        return f"{self.options.regime} blocks"
+
+    def prepare(self, model, ctx):
+        if self.options.fail:
+            raise RuntimeError("prepare failed on purpose")
+        return model
+
+
+@pytest.fixture
+def regimes_method():
+    from qbench.methods import METHODS
+
+    METHODS._items[RegimesMethod.name] = RegimesMethod
+    yield RegimesMethod
+    METHODS._items.pop(RegimesMethod.name, None)
+
+
+def test_method_notation_tags_the_run_and_picks_its_reported_row(tmp_path, regimes_method):
+    """Method.notation() becomes the run's qbench.notation tag, the leaderboard's A/W, and the
+    run meets only the reported row of its own regime; a cell failing in prepare keeps it."""
+    from qbench.harness.executor import LocalExecutor
+    from qbench.harness.progress import Reporter
+    from qbench.harness.runner import RunContext
+    from qbench.harness.suite import load_suite
+    from qbench.harness.tracking import default_uri
+
+    path = tmp_path / "regimes.yaml"
+    path.write_text(
+        textwrap.dedent("""\
+            name: regimes
+            defaults:
+              seeds: [0]
+              recipe: {batch_size: 128, lr: 0.05, calib_batches: 1, epochs: 1}
+            experiments:
+              - dataset: digits
+                model: small_cnn
+                model_options: {width: 8}
+                methods:
+                  - {method: test_regimes, bits: [W8A32], options: {regime: small}}
+                  - {method: test_regimes, bits: [W8A32], options: {regime: large, fail: true}}
+        """)
+    )
+    suite = load_suite(path)
+    out = tmp_path / "out"
+    ctx = RunContext(out_dir=out, tracking_uri=default_uri(out))
+    results = LocalExecutor(["cpu"]).run(suite.cells, ctx, Reporter(len(suite.cells)))
+    assert [r.status for r in results] == ["done", "done", "failed"], [r.error for r in results]
+    assert "prepare failed on purpose" in results[2].error
+
+    runs = {(r.tag("method"), r.status): r for r in fetch_runs(default_uri(out), details=False)}
+    assert runs[("test_regimes", "done")].tags["qbench.notation"] == "small blocks"
+    assert runs[("test_regimes", "failed")].tags["qbench.notation"] == "large blocks"
+    assert "qbench.notation" not in runs[("fp32", "done")].tags, "no notation, no tag"
+
+    reported = load_reported([("methods/reported/pqdemo.yaml", PQ_REPORTED)])
+    t = leaderboard_table(default_uri(out), reported=reported)
+    ours = t[t["method"] == "test_regimes"]
+    assert sorted(ours["aw"]) == ["large blocks", "small blocks"], "one row per regime, not 2 x 2"
+    small, large = _row(t, "test_regimes", "small blocks"), _row(t, "test_regimes", "large blocks")
+    assert small["reported"] == 90.0 and small["n"] == 1 and math.isfinite(small["reproduced"])
+    assert large["reported"] == 80.0 and large["status"] == "failed" and large["badge"] == "failed"

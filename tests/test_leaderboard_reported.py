@@ -88,3 +88,39 @@ def test_duplicate_row_and_duplicate_paper_key():
         parse_reported(GOOD + "\n".join(row) + "\n", "methods/reported/demo.yaml")
     with pytest.raises(QbenchError, match=r"other\.yaml: paper\.key.*already used by .*demo\.yaml"):
         load_reported([("methods/reported/demo.yaml", GOOD), ("methods/reported/other.yaml", GOOD)])
+
+
+def test_real_rows_of_one_configuration_are_told_apart():
+    """Two rows of one dataset/model/method/bits/metric must differ in `notation` (a run then
+    meets only the row of its own) or `variant` (shown side by side); a difference written only
+    in the comment would set both numbers against every run of that configuration."""
+    df = load_reported()
+    key = ["dataset", "model", "method", "w_bits", "a_bits", "metric"]
+    for k, rows in df.groupby(key):
+        labels = list(zip(rows["notation"], rows["variant"], strict=True))
+        assert len(set(labels)) == len(labels), (k, list(rows["file"]), labels)
+
+
+def test_product_quantization_rows_name_their_regime_and_size():
+    """BGD and PQF: W8A32 (an 8-bit index per subvector, k = 256; activations in float), the
+    regime as notation, the paper's size and ratio on every row, both regimes of both ResNets."""
+    df = load_reported()
+    pq = df[df["method"].isin(["bgd", "pqf"])]
+    assert set(pq["paper"]) == {"bgd", "pqf"} and set(pq["file"]) == {
+        "methods/reported/bgd.yaml",
+        "methods/reported/pqf.yaml",
+    }
+    assert (pq["w_bits"] == 8).all() and (pq["a_bits"] == 32).all() and (pq["metric"] == "top1").all()
+    assert pq["size_mb"].gt(0).all() and pq["compression_ratio"].gt(1).all()
+    for method, rows in pq.groupby("method"):
+        configs = sorted(zip(rows["model"], rows["notation"], strict=True))
+        assert configs == [
+            ("resnet18", "large blocks"),
+            ("resnet18", "small blocks"),
+            ("resnet50", "large blocks"),
+            ("resnet50", "small blocks"),
+        ], method
+        # larger blocks: fewer bits per weight, a smaller model
+        size = {(m, n): s for m, n, s in zip(rows["model"], rows["notation"], rows["size_mb"], strict=True)}
+        for model in ("resnet18", "resnet50"):
+            assert size[(model, "large blocks")] < size[(model, "small blocks")], (method, model)
