@@ -269,7 +269,8 @@ def fit_cell(b: Built) -> dict:
 
 def measure(model: torch.nn.Module, method: Method, data, split: str, r: Recipe, device: torch.device):
     """Finalize, then the numbers a run reports: top-1/top-5/loss on ``split`` (and the
-    validation split's top-1 where there is one), size, compression, BOPs, bit audit.
+    validation split's top-1 where there is one), size, compression, BOPs and relative BOPs,
+    bit audit.
     Returns (final model, metrics, footprint)."""
     model = method.finalize(model)
     result = evaluate(model, data.splits[split], r, device)
@@ -286,6 +287,8 @@ def measure(model: torch.nn.Module, method: Method, data, split: str, r: Recipe,
         "bops": float(fp.bops),
         "bit_audit_ok": float(fp.audit_ok),
     }
+    if fp.fp32_bops:  # percent of the model at 32 x 32 bits (Bayesian Bits' relative BOPs)
+        metrics["rel_bops"] = fp.rel_bops
     if split == "test" and data.val is not None:
         metrics["val_top1"] = evaluate(model, data.val, r, device).top1
     return model, metrics, fp

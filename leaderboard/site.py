@@ -6,9 +6,11 @@ config or a reported file is shown as text):
 * ``index.html``: the Classification / Detection / Segmentation tables, with filters
   (dataset, model, method, A/W) and sortable columns in a few lines of inline JavaScript;
 * ``models/<dataset>--<model>.html``: the rows of one dataset and model, with Pareto
-  plots of accuracy vs size and accuracy vs weight bits (SVG drawn here, at build time);
+  plots of accuracy vs size and accuracy vs weight bits (SVG drawn here, at build time),
+  and, where runs or papers give relative BOPs, accuracy vs relative BOPs (every run a
+  point, one marker per method; the papers' points hollow);
 * ``runs/<run id>.html``: one run's resolved config, environment, training curves and
-  per-layer footprint (bits and bytes of every layer);
+  per-layer footprint (bits, bytes, MACs and BOPs of every layer, a chart of its bits);
 * ``methods.html``: every registered method with its paper, link, comment and status.
 
 A Content-Security-Policy allows only the page's own script (by hash) and no network
@@ -218,6 +220,50 @@ def _pareto_plots(rows: list[dict], task: str) -> tuple[Markup, Markup]:
     return size_plot, bits_plot
 
 
+def run_rel_bops(run: Run) -> float:
+    """A run's relative BOPs (% of the model at 32 x 32 bits): its ``rel_bops`` metric, else
+    the ``rel_bops`` of its ``footprint.json``; NaN when it recorded neither."""
+    v = run.metrics.get("rel_bops")
+    if not _finite(v):
+        fp = run.artifacts.get("footprint.json")
+        v = fp.get("rel_bops") if isinstance(fp, dict) else None
+    return float(v) if _finite(v) else math.nan
+
+
+def _bops_plot(runs: list[Run], rows: list[dict], task: str) -> Markup | None:
+    """Accuracy vs relative BOPs (log x): every finished run of the page a filled point, one
+    marker shape and colour per method; the papers' (value, rel_bops) points hollow. None when
+    no point has relative BOPs."""
+    metric = PRIMARY_METRIC[task]
+    points: list[svg.Point] = []
+    for run in runs:
+        y, x = run.metrics.get(metric), run_rel_bops(run)
+        if run.status != "done" or not _finite(y) or not (x > 0):
+            continue
+        method = run.tag("method")
+        aw = run.tag("notation") or f"{run.tag('a_bits')}/{run.tag('w_bits')}"
+        points.append(svg.Point(x, float(y), f"{method} {aw} seed {run.seed}", method))
+    seen: set[tuple] = set()
+    for r in rows:
+        x = r.get("reported_rel_bops")
+        key = (r["paper"], r["method"], r["aw"], r["variant"], r["reported"])
+        if r["metric"] != metric or r["reported"] is None or not _finite(x) or key in seen:
+            continue
+        seen.add(key)
+        points.append(svg.Point(float(x), r["reported"], f"{r['method']} {r['aw']}", r["method"], hollow=True))
+    if not points:
+        return None
+    label = next((r["metric_label"] for r in rows if r["metric"] == metric), "accuracy")
+    return svg.scatter(
+        points,
+        f"{label} vs relative BOPs",
+        "relative BOPs (% of 32/32 bits, log scale)",
+        f"{label} (%)",
+        "log10",
+        shapes=True,
+    )
+
+
 def _curve_plots(run: Run) -> list[Markup]:
     c = run.curves
     plots = []
@@ -249,7 +295,19 @@ def _environment(env: Any) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 #: the fields of one layer of ``footprint.json`` that the run page shows
-LAYER_FIELDS = ("name", "kind", "w_bits", "a_bits", "params", "bytes", "macs", "bops", "distinct_max", "levels_allowed")
+LAYER_FIELDS = (
+    "name",
+    "kind",
+    "w_bits",
+    "a_bits",
+    "params",
+    "bytes",
+    "macs",
+    "bops",
+    "kept",
+    "distinct_max",
+    "levels_allowed",
+)
 
 
 def _footprint(fp: Any) -> dict | None:
@@ -261,19 +319,34 @@ def _footprint(fp: Any) -> dict | None:
     if not isinstance(fp, dict):
         return None
     layers = fp.get("layers")
-    layers = layers if isinstance(layers, list) else []
+    layers = [
+        {k: lay.get(k, None if k == "distinct_max" else "") for k in LAYER_FIELDS}
+        for lay in (layers if isinstance(layers, list) else [])
+        if isinstance(lay, dict)
+    ]
+    total = fp.get("bops")
+    for lay in layers:  # each layer's part of the model's BOPs, in percent
+        b = lay["bops"]
+        lay["bops_share"] = 100.0 * float(b) / float(total) if _finite(b) and _finite(total) and total else None
     return {
-        "layers": [
-            {k: lay.get(k, None if k == "distinct_max" else "") for k in LAYER_FIELDS}
-            for lay in layers
-            if isinstance(lay, dict)
-        ],
+        "layers": layers,
         "total_bytes": fp.get("total_bytes"),
         "fp32_bytes": fp.get("fp32_bytes"),
-        "bops": fp.get("bops"),
+        "bops": total,
+        "fp32_bops": fp.get("fp32_bops"),
+        "rel_bops": fp.get("rel_bops"),
         "audit_ok": fp.get("audit_ok") is True,
         "compression_ratio": fp.get("compression_ratio"),
+        "bits_chart": svg.layer_bits_chart(
+            [(str(lay["name"]), _bits_value(lay["w_bits"]), _bits_value(lay["a_bits"])) for lay in layers]
+        )
+        if layers
+        else None,
     }
+
+
+def _bits_value(v: Any) -> float | None:
+    return float(v) if not isinstance(v, bool) and _finite(v) else None
 
 
 # -- build --------------------------------------------------------------------------------
@@ -338,6 +411,8 @@ def render_site(
         mrows = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
         task = mrows[0]["task"] if mrows else "classification"
         size_plot, bits_plot = _pareto_plots(mrows, task)
+        mruns = [r for r in runs if (r.tag("dataset"), r.tag("model")) == (dataset, model)]
+        bops_plot = _bops_plot(mruns, mrows, task)
         (site_dir / page).write_text(
             env.get_template("model.html.j2").render(
                 **common,
@@ -348,6 +423,7 @@ def render_site(
                 section=SECTIONS[task],
                 size_plot=size_plot,
                 bits_plot=bits_plot,
+                bops_plot=bops_plot,
                 models_nav=models_nav,
             ),
             encoding="utf-8",

@@ -132,14 +132,14 @@ class _Canvas:
     def add(self, s: str) -> None:
         self.parts.append(s)
 
-    def legend(self, items: list[tuple[str, str, bool]]) -> None:
-        """(label, colour, hollow) entries, right of the plot."""
+    def legend(self, items: list[tuple[str, str, bool]], shapes: dict[str, str] | None = None) -> None:
+        """(label, colour, hollow) entries, right of the plot; ``shapes``: label -> marker."""
         for i, (label, color, hollow) in enumerate(items[:16]):
             y = M_TOP + 8 + i * 15
             x = M_LEFT + self.pw + 14
             fill = "white" if hollow else color
             short = label if len(label) <= 16 else label[:15] + "\u2026"
-            self.parts.append(f'<circle cx="{x}" cy="{y - 4}" r="4" fill="{fill}" stroke="{color}"/>')
+            self.parts.append(marker((shapes or {}).get(label, "circle"), x, y - 4, 4, fill, color))
             self.parts.append(
                 f'<text x="{x + 8}" y="{y}" class="lg">{escape(short)}<title>{escape(label)}</title></text>'
             )
@@ -206,6 +206,38 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+#: marker shapes, one per group where a chart tells groups apart by shape as well as colour
+MARKERS = ("circle", "square", "triangle", "diamond", "triangle-down", "star")
+
+
+def marker(shape: str, x: float, y: float, r: float, fill: str, stroke: str, attrs: str = "", inner: str = "") -> str:
+    """One SVG marker centred on (x, y), ``r`` about its radius; ``attrs`` are extra
+    attributes (already escaped), ``inner`` its children (a ``<title>``)."""
+    style = f'fill="{fill}" stroke="{stroke}"'
+    if shape == "square":
+        el = f'<rect x="{x - r * 0.85:.1f}" y="{y - r * 0.85:.1f}" width="{r * 1.7:.1f}" height="{r * 1.7:.1f}" {style}'
+    elif shape in ("triangle", "triangle-down", "diamond", "star"):
+        if shape == "triangle":
+            pts = [(0, -1.15), (1.05, 0.75), (-1.05, 0.75)]
+        elif shape == "triangle-down":
+            pts = [(0, 1.15), (1.05, -0.75), (-1.05, -0.75)]
+        elif shape == "diamond":
+            pts = [(0, -1.2), (1.2, 0), (0, 1.2), (-1.2, 0)]
+        else:
+            pts = [
+                (math.sin(k * math.pi / 5) * (1.3 if k % 2 == 0 else 0.55),
+                 -math.cos(k * math.pi / 5) * (1.3 if k % 2 == 0 else 0.55))
+                for k in range(10)
+            ]  # fmt: skip
+        path = " ".join(f"{x + dx * r:.1f},{y + dy * r:.1f}" for dx, dy in pts)
+        el = f'<polygon points="{path}" {style}'
+    else:
+        el = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" {style}'
+    el += f' data-marker="{shape}"' if shape != "circle" else ""
+    el += f" {attrs}" if attrs else ""
+    return el + (f">{inner}</{el[1 : el.index(' ')]}>" if inner else "/>")
+
+
 @dataclass
 class Point:
     x: float
@@ -223,8 +255,10 @@ def scatter(
     ylabel: str,
     xscale: str = "log10",
     frontier: bool = True,
+    shapes: bool = False,
 ) -> Markup:
-    """A scatter plot with the Pareto frontier (lower x, higher y) of the filled points."""
+    """A scatter plot with the Pareto frontier (lower x, higher y) of the filled points;
+    ``shapes``: each group gets a marker shape as well as a colour."""
     points = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y) and (xscale == "linear" or p.x > 0)]
     if not points:
         return empty_chart(title, "no points to plot")
@@ -236,6 +270,7 @@ def scatter(
     c = _Canvas(title, xlabel, ylabel, _axis([p.x for p in points], xscale), _axis(ys, "linear"), title)
     groups = list(dict.fromkeys(p.group for p in points))
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+    shape_of = {g: MARKERS[i % len(MARKERS)] if shapes else "circle" for i, g in enumerate(groups)}
     if frontier:
         for hollow, dash in ((False, ""), (True, ' stroke-dasharray="4 3"')):
             front = pareto_front([(p.x, p.y) for p in points if p.hollow == hollow])
@@ -260,14 +295,71 @@ def scatter(
             )
         fill = "white" if p.hollow else color
         kind = "reported" if p.hollow else "reproduced"
-        c.add(
-            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{fill}" stroke="{color}" '
-            f'stroke-width="1.6" class="pt" data-kind="{kind}">'
-            f"<title>{escape(p.label)} ({kind}): {escape(_fmt(p.y))} at "
-            f"{escape(_fmt(p.x))}</title></circle>"
-        )
+        title = f"<title>{escape(p.label)} ({kind}): {escape(_fmt(p.y))} at {escape(_fmt(p.x))}</title>"
+        attrs = f'stroke-width="1.6" class="pt" data-kind="{kind}"'
+        c.add(marker(shape_of[p.group], x, y, 4.5, fill, color, attrs, title))
     legend = [(g, colors[g], False) for g in groups]
     if any(p.hollow for p in points):
         legend.append(("reported", "#555", True))
-    c.legend(legend)
+    c.legend(legend, shape_of)
     return c.done()
+
+
+#: bit widths drawn as evenly spaced levels (0 = pruned); others fall between on a log2 scale
+BIT_TICKS = (0, 1, 2, 4, 8, 16, 32)
+
+
+def _bit_level(b: float) -> float:
+    return 0.0 if b <= 0 else 1.0 + math.log2(min(b, 32.0))
+
+
+def layer_bits_chart(layers: list[tuple[str, float | None, float | None]], title: str = "bits per layer") -> Markup:
+    """Bars of each layer's weight and activation bits, (name, w_bits, a_bits) in order;
+    the y axis has a level per power of two, 0 (pruned) at the bottom."""
+    layers = [(n, w, a) for n, w, a in layers if _num(w) or _num(a)]
+    if not layers:
+        return empty_chart(title, "no layer bits recorded")
+    width = max(W, M_LEFT + M_RIGHT + 14 * len(layers))
+    pw, ph = width - M_LEFT - M_RIGHT, H - M_TOP - M_BOTTOM
+    top = _bit_level(32)
+
+    def py(b: float) -> float:
+        return M_TOP + (1 - _bit_level(b) / top) * ph
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart bits" viewBox="0 0 {width} {H}" width="{width}" '
+        f'height="{H}" role="img" aria-label="{escape(title)}">',
+        f'<text x="{width / 2}" y="18" text-anchor="middle" class="t">{escape(title)}</text>',
+        f'<rect x="{M_LEFT}" y="{M_TOP}" width="{pw}" height="{ph}" class="plot"/>',
+    ]
+    for t in BIT_TICKS:
+        parts.append(f'<line x1="{M_LEFT}" y1="{py(t):.1f}" x2="{M_LEFT + pw}" y2="{py(t):.1f}" class="g"/>')
+        parts.append(f'<text x="{M_LEFT - 5}" y="{py(t) + 4:.1f}" text-anchor="end">{t}</text>')
+    parts.append(
+        f'<text transform="translate(14 {M_TOP + ph / 2}) rotate(-90)" text-anchor="middle" class="l">bits</text>'
+        f'<text x="{M_LEFT + pw / 2}" y="{H - 8}" text-anchor="middle" class="l">layer (in model order)</text>'
+    )
+    slot = pw / len(layers)
+    bar = max(1.0, slot * 0.38)
+    for i, (name, w, a) in enumerate(layers):
+        x0 = M_LEFT + i * slot + slot * 0.12
+        for j, (role, b, color) in enumerate((("W", w, PALETTE[0]), ("A", a, PALETTE[3]))):
+            if not _num(b):
+                continue
+            y = py(float(b))
+            h = M_TOP + ph - y
+            parts.append(
+                f'<rect x="{x0 + j * bar:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{max(h, 0):.1f}" '
+                f'fill="{color}" class="bar" data-role="{role}" data-bits="{escape(_fmt(float(b)))}">'
+                f"<title>{escape(name)}: {role} {escape(_fmt(float(b)))} bits</title></rect>"
+            )
+    for k, (label, color) in enumerate((("weights", PALETTE[0]), ("activations", PALETTE[3]))):
+        y = M_TOP + 8 + k * 15
+        x = M_LEFT + pw + 14
+        parts.append(f'<rect x="{x - 4}" y="{y - 8}" width="8" height="8" fill="{color}"/>')
+        parts.append(f'<text x="{x + 8}" y="{y}" class="lg">{label}</text>')
+    return Markup("".join(parts) + "</svg>")
+
+
+def _num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))

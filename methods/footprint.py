@@ -5,10 +5,16 @@
   running statistics, and whole full-precision layers, at 32 bits. The compression
   ratio is against the same model with every float tensor at 32 bits.
 * **Bit audit**: after ``finalize``, each quantized weight tensor must hold at most
-  ``2^b`` distinct values per scale group; the audit counts them.
+  ``2^b`` distinct values per scale group; the audit counts them (on the tensor the weight
+  quantizer reads: a layer's ``weight_to_quantize()`` where it folds a BatchNorm in).
 * **BOPs** (bit operations), as Bayesian Bits (van Baalen et al., NeurIPS 2020, sec. 4)
-  counts them: for each conv/linear layer, ``MACs x b_w x b_a``; full-precision layers
-  count at 32 x 32.
+  counts them: for each conv/linear layer, ``MACs x b_w x b_a x kept``; full-precision
+  layers count at 32 x 32. **Relative BOPs** are in percent of the same model at
+  32 x 32 everywhere (``sum MACs x 32 x 32``), the figure the paper's plots and tables use.
+  ``kept`` is the fraction of output channels a structured-pruning quantizer keeps (its
+  optional ``keep_ratio()``, as the official code's ``prune_ratio``; 1 otherwise).
+* **0 bits** means pruned: a tensor quantized to 0 bits stores nothing (no codes, no
+  scales) and a layer with 0-bit weights or inputs costs 0 BOPs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import torch
 from torch import nn
 
 from .modules import QUANT_LAYERS, Quantizer
+
+#: a full-precision multiply-accumulate: 32-bit weight x 32-bit activation
+FP32_BOPS_PER_MAC = 32 * 32
 
 
 @dataclass
@@ -31,6 +40,7 @@ class LayerFootprint:
     bytes: float
     macs: int = 0
     bops: int = 0
+    kept: float = 1.0  # fraction of output channels kept (structured pruning)
     distinct_max: int | None = None  # most distinct weight values found in one scale group
     levels_allowed: int | None = None
 
@@ -47,9 +57,22 @@ class Footprint:
     def compression_ratio(self) -> float:
         return self.fp32_bytes / self.total_bytes if self.total_bytes else float("inf")
 
+    @property
+    def fp32_bops(self) -> int:
+        """BOPs of the full-precision reference: every conv/linear layer at 32 x 32."""
+        return sum(layer.macs for layer in self.layers) * FP32_BOPS_PER_MAC
+
+    @property
+    def rel_bops(self) -> float:
+        """BOPs in percent of :attr:`fp32_bops` (NaN when no MACs were counted)."""
+        ref = self.fp32_bops
+        return 100.0 * self.bops / ref if ref else float("nan")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["compression_ratio"] = self.compression_ratio
+        d["fp32_bops"] = self.fp32_bops
+        d["rel_bops"] = self.rel_bops if self.fp32_bops else None  # JSON has no NaN
         return d
 
 
@@ -98,6 +121,30 @@ def _distinct_max(quantizer: Quantizer, w: torch.Tensor) -> int:
     return max(int(torch.unique(g).numel()) for g in quantizer.groups(q))
 
 
+def _quantizer_input(layer: nn.Module) -> torch.Tensor:
+    """The tensor a layer's weight quantizer reads: its optional ``weight_to_quantize()``
+    (a BatchNorm folded into the weight), else the weight."""
+    fn = getattr(layer, "weight_to_quantize", None)
+    if not callable(fn):
+        return layer.weight
+    with torch.no_grad():
+        return fn()
+
+
+def _keep_ratio(quantizer: Quantizer) -> float:
+    """Fraction of output channels a quantizer keeps: 0 at 0 bits, its ``keep_ratio()``
+    where it prunes channels, else 1."""
+    if quantizer.bits == 0:
+        return 0.0
+    fn = getattr(quantizer, "keep_ratio", None)
+    if not callable(fn):
+        return 1.0
+    kept = float(fn())
+    if not 0.0 <= kept <= 1.0:
+        raise ValueError(f"{type(quantizer).__name__}.keep_ratio() must be in [0, 1], got {kept}")
+    return kept
+
+
 def footprint(model: nn.Module, example: torch.Tensor | None = None) -> Footprint:
     """Measure ``model`` as it would be stored (call after ``finalize``)."""
     macs = count_macs(model, example) if example is not None else {}
@@ -111,14 +158,18 @@ def footprint(model: nn.Module, example: torch.Tensor | None = None) -> Footprin
             wq, aq = mod.weight_quantizer, mod.act_quantizer
             wb = wq.bits if wq.enabled else 32
             ab = aq.bits if aq.enabled else 32
-            bits = mod.weight.numel() * wb + 32 * (wq.scale_count() + aq.scale_count())
+            kept = _keep_ratio(wq)  # channel pruning counts at 32 bits too
+            # a pruned (0-bit) weight tensor stores neither codes nor scales
+            w_scales = wq.scale_count() if wb else 0
+            bits = mod.weight.numel() * wb * kept + 32 * (w_scales + aq.scale_count())
             distinct = allowed = None
             if wq.enabled:
-                distinct, allowed = _distinct_max(wq, mod.weight), wq.max_levels()
+                distinct, allowed = _distinct_max(wq, _quantizer_input(mod)), wq.max_levels()
                 audit_ok &= distinct <= allowed
             own = [mod.weight] + list(wq.parameters()) + list(aq.parameters())
         elif isinstance(mod, (nn.Conv2d, nn.Linear)):
             wb = ab = 32
+            kept = 1.0
             bits = mod.weight.numel() * 32
             distinct = allowed = None
             own = [mod.weight]
@@ -138,7 +189,8 @@ def footprint(model: nn.Module, example: torch.Tensor | None = None) -> Footprin
                 params=mod.weight.numel(),
                 bytes=bits / 8,
                 macs=m,
-                bops=m * wb * ab,
+                bops=round(m * wb * ab * kept),
+                kept=kept,
                 distinct_max=distinct,
                 levels_allowed=allowed,
             )

@@ -216,8 +216,10 @@ def test_run_and_model_pages_open(site, watched, tmp_path):
     page.wait_for_load_state("load")
     assert "/models/" in page.url
     charts = page.locator("svg.chart")
-    assert charts.count() == 2  # accuracy vs size, accuracy vs bits
-    assert page.locator('svg.chart circle.pt[data-kind="reproduced"]').count() == 6
+    assert charts.count() == 3  # accuracy vs size, accuracy vs bits, accuracy vs relative BOPs
+    assert page.locator("figure.bops-plot svg.chart").count() == 1
+    assert page.locator('figure:not(.bops-plot) svg.chart circle.pt[data-kind="reproduced"]').count() == 6
+    assert page.locator('figure.bops-plot svg.chart [data-kind="reproduced"]').count() >= 2
     page.screenshot(path=str(tmp_path / "model.png"), full_page=True)
     watched.check_clean()
 

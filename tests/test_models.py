@@ -21,7 +21,12 @@ PAPER_COUNTS = {
     "resnet56": (dict(num_classes=10, image_size=32), 0.85e6, 0.01e6),
 }
 
-# exact counts of the architectures as their papers' code defines them
+# exact counts of the architectures as their papers' code defines them. Bayesian Bits'
+# LeNet5Quantized (benchmarks/image_net/models/mnist_models.py) and VGGQuantized
+# (benchmarks/image_net/models/cifar_models.py, the class --model vggquantized builds) were
+# built with torch from the official repository (github.com/Qualcomm-AI-research/BayesianBits)
+# in a one-off script, counting the weight, bias and folded-BN gamma/beta of every conv and
+# linear layer: 582,026 and 12,979,082 (their quantizers hold no parameters at construction).
 EXACT = {
     # 32*25+32 + 64*32*25+64 + 1024*512+512 + 512*10+10
     "lenet5": (dict(num_classes=10, in_channels=1, image_size=28), 582_026),
@@ -119,6 +124,43 @@ def test_lenet5_and_vgg7_layouts():
         (1024, 10),
     ]
     assert sum(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) for m in vgg.modules()) == 7
+
+
+# per-layer MACs of one input as the official code counts them for its relative BOPs
+# (mixed_precision_utils.get_per_layer_macs on the classes above, 1x28x28 and 3x32x32), in
+# layer order; obtained once with the official repository, as the counts above
+OFFICIAL_MACS = {
+    "lenet5": (dict(num_classes=10, in_channels=1, image_size=28), [460_800, 3_276_800, 524_288, 5_120]),
+    "vgg7": (
+        dict(num_classes=10, image_size=32),
+        [3_538_944, 150_994_944, 75_497_472, 150_994_944, 75_497_472, 150_994_944, 8_388_608, 10_240],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_MACS))
+def test_macs_per_layer_match_the_official_bop_count(name):
+    from qbench.methods.footprint import count_macs
+
+    kwargs, expected = OFFICIAL_MACS[name]
+    model = create_model(name, **kwargs)
+    x = torch.zeros(1, kwargs.get("in_channels", 3), kwargs["image_size"], kwargs["image_size"])
+    assert list(count_macs(model, x).values()) == expected
+
+
+def test_lenet5_and_vgg7_module_order():
+    """ReLU after every conv/linear but the last, then max-pooling; VGG-7's BN right after each
+    conv and the 1024-unit linear (where the official layers fold it), no conv bias there."""
+    lenet = create_model("lenet5", num_classes=10, in_channels=1, image_size=28)
+    assert [type(m).__name__ for m in lenet.features] == ["Conv2d", "ReLU", "MaxPool2d"] * 2
+    assert [type(m).__name__ for m in lenet.classifier] == ["Linear", "ReLU", "Linear"]
+    assert all(m.bias is not None for m in lenet.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    vgg = create_model("vgg7", num_classes=10, image_size=32)
+    block = ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert [type(m).__name__ for m in vgg.features] == (block * 2 + ["MaxPool2d"]) * 3
+    assert [type(m).__name__ for m in vgg.classifier] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    biased = [m.bias is not None for m in vgg.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert biased == [False] * 7 + [True]
 
 
 def test_preact_resnet18_normalises_every_inner_convolution_input():
