@@ -874,7 +874,7 @@ class BayesianBits(Method):
                 q.observing = False
                 q.mark_initialized()
             with torch.no_grad():
-                for m, bufs in zip(bns, saved):
+                for m, bufs in zip(bns, saved, strict=True):
                     for k, v in bufs.items():
                         m._buffers[k].copy_(v)
             model.train(was_training)
