@@ -54,22 +54,21 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import Method, MethodContext, Paper
+from .base import MethodContext, Paper
 from .errors import QbenchError
 from .layers import first_last_layers
 from .pq import (
     PQ_LAYERS,
     ActivationSampler,
+    PQMethod,
     PQOptions,
     bgd_centroids,
     em_quantize,
     kl_distillation,
     plan_layers,
-    pq_footprint,
     pq_layers,
     rows_from_columns,
     subvectors,
-    swap_layers,
 )
 
 PAPER = Paper(
@@ -161,7 +160,7 @@ def import_official(obj: Any, model: nn.Module, where: str | None) -> None:
         raise QbenchError(f"entries the model has no place for: {unknown[:4]}", where)
 
 
-class BGD(Method):
+class BGD(PQMethod):
     name = "bgd"
     paper = PAPER
     status = "follows the official code"
@@ -169,19 +168,11 @@ class BGD(Method):
         "layer-wise codeword fine-tuning counts steps over the cell's training batches; EM activations from "
         "un-augmented training batches; EM distances through the Gram matrix (exact)"
     )
-    weight_bits = tuple(range(1, 16))  # W<b>: 2^b codewords per layer (index of b bits per block)
-    act_bits = (32,)
     Options = BGDOptions
     needs_teacher = True
 
     def plan(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         return plan_layers(model, 2**self.w_bits, self.options, lambda m, n, d, k: bgd_centroids(n, k))
-
-    def notation(self) -> str:
-        return f"{self.options.regime} blocks"
-
-    def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
-        return swap_layers(model, self.plan(model))
 
     def calibrate(self, model: nn.Module, ctx: MethodContext) -> None:
         if not ctx.recipe.train:
@@ -189,15 +180,6 @@ class BGD(Method):
 
     def param_groups(self, model: nn.Module, recipe) -> list[dict]:
         return [{"params": [m.codebook for _, m in pq_layers(model)], "weight_decay": recipe.weight_decay}]
-
-    def finalize(self, model: nn.Module) -> nn.Module:
-        with torch.no_grad():
-            for _, m in pq_layers(model):
-                m.codebook.copy_(m.codebook.half().float())
-        return model
-
-    def footprint(self, model: nn.Module, example: torch.Tensor | None = None):
-        return pq_footprint(model, example)
 
     def import_checkpoint(self, obj: Any, model: nn.Module, where: str | None = None) -> None:
         import_official(obj, model, where)

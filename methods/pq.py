@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from .base import Method, MethodContext
 from .layers import first_last_layers
 
 # -- layouts and rules ----------------------------------------------------------------------
@@ -516,3 +517,30 @@ def pq_footprint(model: nn.Module, example: torch.Tensor | None = None):
         audit_ok=all(int(mod.codes.max()) < mod.k for _, mod in pq_layers(model)) if pq_layers(model) else True,
         layers=layers,
     )
+
+
+class PQMethod(Method):
+    """What BGD and PQF share: the layer plan (:meth:`plan`, each method's centroid rule),
+    the swap to PQ layers, the regime as the leaderboard's notation, codebooks rounded to
+    fp16 as both projects store them, and the size as both count it."""
+
+    weight_bits = tuple(range(1, 16))  # W<b>: 2^b codewords per layer
+    act_bits = (32,)
+
+    def plan(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        raise NotImplementedError
+
+    def notation(self) -> str:
+        return f"{self.options.regime} blocks"
+
+    def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
+        return swap_layers(model, self.plan(model))
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for _, m in pq_layers(model):
+                m.codebook.copy_(m.codebook.half().float())
+        return model
+
+    def footprint(self, model: nn.Module, example: torch.Tensor | None = None):
+        return pq_footprint(model, example)

@@ -47,18 +47,17 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import Method, MethodContext, Paper
+from .base import MethodContext, Paper
 from .errors import QbenchError
 from .pq import (
+    PQMethod,
     PQOptions,
     kl_distillation,
     kmeans,
     plan_layers,
-    pq_footprint,
     pq_layers,
     pqf_centroids,
     subvectors,
-    swap_layers,
 )
 
 PAPER = Paper(
@@ -119,13 +118,11 @@ def import_official(obj: Any, model: nn.Module, where: str | None) -> None:
                 m.running_var.fill_(1.0)
 
 
-class PQF(Method):
+class PQF(PQMethod):
     name = "pqf"
     paper = PAPER
     status = "follows the official code"
     comment = "permutation groups traced from the network (the official configs list them by hand)"
-    weight_bits = tuple(range(1, 16))  # W<b>: 2^b codewords per layer
-    act_bits = (32,)
     Options = PQFOptions
     needs_teacher = True
 
@@ -135,12 +132,6 @@ class PQF(Method):
             return pqf_centroids(n_vectors // c_out, c_out, k)
 
         return plan_layers(model, 2**self.w_bits, self.options, rule)
-
-    def notation(self) -> str:
-        return f"{self.options.regime} blocks"
-
-    def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
-        return swap_layers(model, self.plan(model))
 
     def calibrate(self, model: nn.Module, ctx: MethodContext) -> None:
         """Permute (needs one example batch), then k-means every PQ layer; logs the
@@ -188,15 +179,6 @@ class PQF(Method):
     def param_groups(self, model: nn.Module, recipe) -> list[dict]:
         """Every parameter, no weight decay (the official Adam has none)."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
-
-    def finalize(self, model: nn.Module) -> nn.Module:
-        with torch.no_grad():
-            for _, m in pq_layers(model):
-                m.codebook.copy_(m.codebook.half().float())
-        return model
-
-    def footprint(self, model: nn.Module, example: torch.Tensor | None = None):
-        return pq_footprint(model, example)
 
     def import_checkpoint(self, obj: Any, model: nn.Module, where: str | None = None) -> None:
         import_official(obj, model, where)
