@@ -75,9 +75,28 @@ def make_scheduler(opt: torch.optim.Optimizer, r: Recipe, steps_per_epoch: int):
         if r.schedule == "step":
             epoch = step // steps_per_epoch
             return r.gamma ** sum(epoch >= m for m in r.milestones)
+        if r.schedule == "hold_linear":
+            return hold_linear(step // steps_per_epoch, r.epochs)
         return 1.0
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    def constant(step: int) -> float:
+        return 1.0
+
+    # a group marked ``scheduled: False`` keeps its learning rate (e.g. Bayesian Bits' gates)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, [factor if g.get("scheduled", True) else constant for g in opt.param_groups]
+    )
+
+
+def hold_linear(epoch: int, epochs: int) -> float:
+    """The learning-rate factor of epoch ``epoch`` (0-based) under ``schedule: hold_linear``:
+    1 for the first ``int(2/3 epochs)`` epochs and the one after, then linear to 0 at
+    ``epochs`` (Bayesian Bits' MNIST/CIFAR-10 schedule, ``make_lr_scheduler``, stepped per
+    epoch)."""
+    hold = int((2.0 / 3.0) * epochs)
+    if epoch <= hold:
+        return 1.0
+    return (epochs - epoch) / (epochs - hold)
 
 
 @dataclass

@@ -67,7 +67,10 @@ color values"); here the first layer's input gets a fixed 8-bit quantizer on the
 **Optimisers** (``get_optimizers``): weights, gates (``log_alpha``) and ranges (``x_max``)
 are three groups: the recipe's learning rate for weights, ``lr_q`` for gates, ``lr_s`` for
 ranges, no weight decay on gates and ranges (the papers' MNIST/CIFAR commands: Adam, 1e-3
-each, no weight decay; set ``optimizer: adam, weight_decay: 0`` in the recipe).
+each, no weight decay; set ``optimizer: adam, weight_decay: 0`` in the recipe). The
+official MNIST/CIFAR-10 schedule (``make_lr_scheduler``) holds the weights' rate for two
+thirds of the epochs, then decays it linearly to zero, and leaves gates and ranges at
+theirs: ``schedule: hold_linear`` with ``schedule_quantizer_lr: false``.
 
 **Fixed-gate fine-tuning** (``--fixed-gate-finetune-epochs``, ``replace_bb_quantizers``,
 ``get_finetune_optimizers``): after the main training the gates are frozen at their
@@ -127,10 +130,9 @@ gates; each quantizer then reports its learned width (0: every channel pruned) t
   quantizers at their deterministic test-time gates) (official: the first 2 images of the
   first training batch);
 * the first layer's input is quantized at 8 bits (``first_input_bits``, see above);
-* the harness has one optimizer type and one schedule for all groups: gates and ranges
-  follow the recipe's schedule (official CIFAR: their learning rates stay constant) and
-  ImageNet's SGD-for-weights/Adam-for-gates split needs one optimizer for all; the
-  fine-tuning stage uses the recipe's optimizer and a cosine schedule;
+* the harness has one optimizer type for all groups: ImageNet's SGD-for-weights /
+  Adam-for-gates split needs one optimizer for all; the fine-tuning stage uses the
+  recipe's optimizer and a cosine schedule;
 * the logged relative BOPs count output-channel pruning only (the official
   ``get_keep_ratio_and_prune_prob`` also discounts input channels pruned in the previous
   layer of LeNet/VGG);
@@ -296,6 +298,13 @@ class BayesianBitsQuantizer(Quantizer):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._mirror.clear()
+        self._refresh_mirror()
+
+    def _refresh_mirror(self) -> None:
+        """Read every mirrored buffer now (once, at load time), not in the next forward
+        pass, where the read would be a host sync and, under ``torch.compile``, a graph
+        break (a resumed compiled cell otherwise fell back to eager layer by layer)."""
+        self.is_signed(), self.is_frozen(), self._mac_ratio(), self._frozen_bits()
 
     def _read(self, key: str, fn):
         if key not in self._mirror:
@@ -310,6 +319,9 @@ class BayesianBitsQuantizer(Quantizer):
 
     def _mac_ratio(self) -> float:
         return self._read("mac_ratio", lambda: float(self.mac_ratio))
+
+    def _frozen_bits(self) -> int:
+        return self._read("frozen_bits", lambda: int(self.frozen_bits))
 
     def set_mac_ratio(self, ratio: float) -> None:
         self.mac_ratio.fill_(float(ratio))
@@ -359,7 +371,7 @@ class BayesianBitsQuantizer(Quantizer):
     def decided_bits(self) -> int:
         """The width the test-time decision gives (0 when every channel is pruned)."""
         if self.is_frozen():
-            return int(self.frozen_bits)
+            return self._frozen_bits()
         if self.log_alpha_2 is not None and not bool((test_time_gate(self.log_alpha_2) > 0).any()):
             return 0
         if self.fixed_bits is not None:
@@ -426,7 +438,7 @@ class BayesianBitsQuantizer(Quantizer):
 
     def _frozen_forward(self, xf: torch.Tensor, round_fn) -> tuple[torch.Tensor, torch.Tensor | None]:
         keep = self.keep if self.log_alpha_2 is not None else None
-        bits = self._read("frozen_bits", lambda: int(self.frozen_bits))
+        bits = self._frozen_bits()
         if bits == 0:  # every output channel pruned
             return torch.zeros_like(xf), torch.zeros(xf.shape[0], device=xf.device)
         if self.prune_only and self.fixed_bits is None:
@@ -616,7 +628,7 @@ class _FoldedBN:
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self.__dict__.pop("_bn_frozen_known", None)
+        self._bn_frozen_known = bool(self.bn_frozen_flag)  # read at load time, not in forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quantizer(x)
@@ -707,6 +719,10 @@ class BayesianBitsOptions(BaseModel):
     fixed_48bit: bool = False
     lr_q: float = Field(1e-3, gt=0.0)
     lr_s: float = Field(1e-3, gt=0.0)
+    #: false: the recipe's schedule moves the weights' learning rate only, gates and ranges
+    #: keep ``lr_q`` / ``lr_s`` (the official MNIST/CIFAR-10 runs schedule only the weights'
+    #: optimizer; its ImageNet multistep schedule moves all three)
+    schedule_quantizer_lr: bool = True
     fixed_gate_finetune_epochs: int = Field(0, ge=0, le=10_000)
     finetune_lr: float = Field(1e-4, gt=0.0)
     finetune_lr_s: float = Field(1e-4, gt=0.0)
@@ -739,8 +755,9 @@ class BayesianBits(Method):
         "W32A32 = widths learned up to 32 (W8A8/W4A8: pruning-only fixed variants); activations "
         "quantized at each layer's input (one quantizer per reading layer); BN folded into the "
         "preceding conv as the official BatchNormQScheme, a pruned channel's BN shift gated too; image "
-        "quantized at 8 bits (official: unquantized, counted at 8); one optimizer and schedule for "
-        "weights, gates and ranges; activation range from the first calibration batch (BN batch statistics); logged "
+        "quantized at 8 bits (official: unquantized, counted at 8); one optimizer type for "
+        "weights, gates and ranges (ImageNet paper: SGD weights, Adam gates); activation range from the "
+        "first calibration batch (BN batch statistics); logged "
         "relative BOPs count output-channel pruning only"
     )
     status = "follows the official code"
@@ -899,10 +916,13 @@ class BayesianBits(Method):
     def param_groups(self, model: nn.Module, recipe: Recipe) -> list[dict] | None:
         """Weights (recipe lr; weight decay on conv/linear weights as the recipe says, none
         on BN and biases), gates (``lr_q``) and ranges (``lr_s``), no decay on either."""
-        return self._groups(model, recipe.lr, self.options.lr_q, self.options.lr_s, recipe.weight_decay)
+        o = self.options
+        return self._groups(model, recipe.lr, o.lr_q, o.lr_s, recipe.weight_decay, o.schedule_quantizer_lr)
 
     @staticmethod
-    def _groups(model: nn.Module, lr: float, lr_q: float, lr_s: float, wd: float) -> list[dict]:
+    def _groups(
+        model: nn.Module, lr: float, lr_q: float, lr_s: float, wd: float, schedule_quantizers: bool = True
+    ) -> list[dict]:
         gates, scales, quant = [], [], set()
         for _, q in bb_quantizers(model):
             for pname, p in q.named_parameters(recurse=False):
@@ -919,8 +939,8 @@ class BayesianBits(Method):
         groups = [
             {"params": decay, "lr": lr, "weight_decay": wd, "name": "weights"},
             {"params": rest, "lr": lr, "weight_decay": 0.0, "name": "weights_no_decay"},
-            {"params": gates, "lr": lr_q, "weight_decay": 0.0, "name": "gates"},
-            {"params": scales, "lr": lr_s, "weight_decay": 0.0, "name": "scales"},
+            {"params": gates, "lr": lr_q, "weight_decay": 0.0, "name": "gates", "scheduled": schedule_quantizers},
+            {"params": scales, "lr": lr_s, "weight_decay": 0.0, "name": "scales", "scheduled": schedule_quantizers},
         ]
         return [g for g in groups if g["params"]]
 

@@ -26,7 +26,7 @@ class Quantizer(nn.Module):
     The buffer is the persistent truth (it travels in checkpoints); a Python mirror of it
     lets the steady state skip the host read ``bool(buffer)`` would cost every step, so
     a training step has no device-to-host sync and, under ``torch.compile``, no graph
-    break. The mirror is only trusted once True, and loading a state dict clears it.
+    break. The mirror is only trusted once True; loading a state dict re-reads it.
     """
 
     bits: int
@@ -56,7 +56,9 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._init_known = False  # the loaded buffer is the truth again
+        # the loaded buffer is the truth again: read it now, once, so that the first step
+        # after a resume does not read it (a host sync, and a graph break under compile)
+        self._init_known = bool(self.initialized)
 
     @property
     def enabled(self) -> bool:

@@ -30,7 +30,8 @@ class Recipe(BaseModel):
     nesterov: bool = False
     weight_decay: NonNegativeFloat = 5e-4
     wd_on: Literal["weights", "all"] = "weights"
-    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    #: hold_linear: constant for the first two thirds of the epochs, then linear to 0
+    schedule: Literal["cosine", "step", "onecycle", "constant", "hold_linear"] = "cosine"
     milestones: list[PositiveInt] = []
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: NonNegativeInt = 0

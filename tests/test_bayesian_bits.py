@@ -483,3 +483,54 @@ def test_from_scratch_activation_ranges_follow_training_mode_batchnorm():
     for n, q in bb_quantizers(model):
         if n in seen:
             assert q.x_max.item() > 0.5 * seen[n].item(), n
+
+
+def test_official_cifar_schedule_moves_only_the_weights_rate():
+    """``schedule: hold_linear`` with ``schedule_quantizer_lr: false``: the weights' rate is
+    held for int(2/3 epochs) epochs and the one after, then falls linearly to 0 at the
+    last epoch (``make_lr_scheduler``: 9 epochs -> 1 x 7, then 2/3, 1/3); gates and ranges
+    keep theirs."""
+    from qbench.harness.train import hold_linear, make_optimizer, make_scheduler
+
+    assert [hold_linear(e, 9) for e in range(9)] == pytest.approx([1] * 7 + [2 / 3, 1 / 3])
+    assert [hold_linear(e, 300) for e in (0, 200, 201, 299)] == pytest.approx([1, 1, 99 / 100, 1 / 100])
+    x = torch.randn(4, 1, 8, 8)
+    method = get_method("bayesian_bits")(lr_q=0.02, lr_s=0.03, schedule_quantizer_lr=False)
+    model = method.prepare(_cnn(), _ctx([(x, torch.zeros(4, dtype=torch.long))]))
+    recipe = Recipe(optimizer="adam", lr=0.01, epochs=9, schedule="hold_linear", weight_decay=0.0)
+    opt = make_optimizer(method.param_groups(model, recipe), recipe)
+    sched = make_scheduler(opt, recipe, steps_per_epoch=2)
+    seen = []
+    for _ in range(9 * 2):
+        seen.append({g["name"]: g["lr"] for g in opt.param_groups})
+        opt.step()
+        sched.step()
+    assert [s["weights"] for s in seen[::2]] == pytest.approx([0.01] * 7 + [0.01 * 2 / 3, 0.01 / 3])
+    assert {(s["gates"], s["scales"]) for s in seen} == {(0.02, 0.03)}
+    # the default (ImageNet's multistep moves every optimizer): all groups follow the schedule
+    opt = make_optimizer(get_method("bayesian_bits")(lr_q=0.02).param_groups(model, recipe), recipe)
+    sched = make_scheduler(opt, recipe, steps_per_epoch=1)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["gates"] == pytest.approx(0.02 / 3)
+
+
+def test_a_resumed_model_traces_into_one_graph():
+    """After ``load_state_dict`` (a resumed cell) the first forward pass reads no buffer on
+    the host: the quantizers' and folded BatchNorms' mirrors are filled at load time, so
+    ``torch.compile`` sees one graph (a graph break per layer made resumed GPU cells fall
+    back to eager)."""
+    x = torch.randn(4, 1, 8, 8)
+    method = get_method("bayesian_bits")()
+    ctx = _ctx([(x, torch.zeros(4, dtype=torch.long))])
+    model = method.prepare(_cnn(), ctx)
+    method.calibrate(model, ctx)
+    saved = copy.deepcopy(model.state_dict())
+    fresh = get_method("bayesian_bits")().prepare(_cnn(), ctx)
+    fresh.load_state_dict(saved)
+    fresh.train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fresh)(x)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -113,6 +113,15 @@ def test_mnist_reads_torchvision_layout_and_rejects_truncated_files(tmp_path):
     b = load_dataset("mnist", str(tmp_path), download=False, cache=False)
     assert (len(b.train), len(b.test)) == (12, 5)
     assert b.train.labels.tolist() == [i % 10 for i in range(12)]
+    # mean 0, std 1: pixels in [0, 1] as the Bayesian Bits loader (ToTensor only)
+    raw01 = load_dataset("mnist", str(tmp_path), download=False, cache=False, mean=[0.0], std=[1.0])
+    x01, _ = next(iter(raw01.test.batches(5, train=False, device=torch.device("cpu"))))
+    x, _ = next(iter(b.test.batches(5, train=False, device=torch.device("cpu"))))
+    assert torch.allclose(x01, b.test.images.float().div(255).view_as(x01), atol=1e-6)
+    assert torch.allclose(x, (x01 - 0.1307) / 0.3081, atol=1e-5)
+    with pytest.raises(QbenchError, match=r"std must be one number above 0") as err:
+        load_dataset("mnist", str(tmp_path), download=False, cache=False, std=[0.0])
+    assert err.value.where == "mnist.std"
     data = (raw / "t10k-images-idx3-ubyte").read_bytes()
     (raw / "t10k-images-idx3-ubyte").write_bytes(data[:-100])
     with pytest.raises(QbenchError, match="truncated"):

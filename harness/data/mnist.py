@@ -108,8 +108,17 @@ def mnist(
     cache_dir: str | None = None,
     limit: int | None = None,
     test_limit: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
 ) -> DataBundle:
-    """MNIST, 28x28 grey, 60k/10k (IDX files; downloaded when online)."""
+    """MNIST, 28x28 grey, 60k/10k (IDX files; downloaded when online). ``mean``/``std``
+    replace the normalisation (``mean: [0], std: [1]``: pixels in [0, 1], ``ToTensor`` only)."""
+    for key, v in (("mean", mean), ("std", std)):
+        if v is not None and (len(v) != 1 or (key == "std" and not v[0] > 0)):
+            raise QbenchError(
+                f"{key} must be one number{' above 0' if key == 'std' else ''}, got {v!r}", f"mnist.{key}"
+            )
+    norm_mean, norm_std = tuple(mean or MEAN), tuple(std or STD)
     base = Path(root).expanduser() if root else default_data_root()
     dirs = [Path(path).expanduser()] if path else [base / "MNIST" / "raw", base / "mnist", base / "MNIST", base]
     found = _locate(dirs)
@@ -136,7 +145,7 @@ def mnist(
             )
             continue
         data = cached_tensors(f"mnist-{split}", paths, lambda p=paths: _load_split(p), cache_dir, cache)
-        ts = TensorSplit(data["images"], data["labels"], MEAN, STD)
+        ts = TensorSplit(data["images"], data["labels"], norm_mean, norm_std)
         splits[split] = limited(ts, limit if split == "train" else (test_limit or limit))
     src = next(p for p in found.values() if p)[0].parent
     return DataBundle(
@@ -146,6 +155,6 @@ def mnist(
         image_size=28,
         splits=splits,
         class_names=[str(i) for i in range(10)],
-        description=f"MNIST IDX files from {src}; normalised (0.1307, 0.3081), no augmentation",
+        description=f"MNIST IDX files from {src}; normalised ({norm_mean[0]:g}, {norm_std[0]:g}), no augmentation",
         variant="idx",
     )
