@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 
@@ -27,12 +28,17 @@ MD_COLUMNS = [
 ]
 
 
+#: an HTML character reference (``&gt;``, ``&#62;``): Markdown would render it as the character
+_ENTITY = re.compile(r"&(?=#?\w+;)")
+
+
 def _md_cell(v: object) -> str:
-    """Table-safe Markdown text: no pipes, no line breaks, no raw HTML."""
+    """Table-safe Markdown that reads as the text it is (``epochs > 0``, not ``epochs &gt; 0``):
+    no pipes, no line breaks, and no raw HTML: a ``<`` and the ``&`` of a character reference
+    are backslash-escaped (CommonMark renders ``\\<script>`` as the text ``<script>``)."""
     s = " ".join(str(v).split())
-    return (
-        s.replace("\\", "\\\\").replace("|", "\\|").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    ) or "-"
+    s = s.replace("\\", "\\\\").replace("|", "\\|").replace("<", "\\<")
+    return _ENTITY.sub("\\\\&", s) or "-"
 
 
 def _finite(v: object) -> bool:

@@ -397,7 +397,17 @@ def test_markdown_export_easyquantization_shape(table):
     row = next(ln for ln in lines if ln.startswith("digits | lsq | small_cnn | 4/4"))
     assert "| 96.00 | 96.20 ± 0.28 (n=2) | +0.20 (within) |" in row
     assert "| 92.00 | - | - |" in next(ln for ln in lines if "| apot |" in ln)
-    assert XSS not in md and "&lt;script&gt;" in md  # pasted into a README, it stays text
+    # pasted into a README, it stays text: a backslash-escaped "<" opens no tag
+    assert XSS not in md and "\\<script>alert(1)\\</script>" in md and "&lt;" not in md
+
+
+def test_markdown_cells_read_as_the_text_they_are():
+    from qbench.leaderboard.export import _md_cell
+
+    assert _md_cell("epochs > 0, A & B") == "epochs > 0, A & B"  # no &gt; / &amp; in the Markdown
+    assert _md_cell("a|b\nc") == "a\\|b c"
+    assert _md_cell("x &gt; y") == "x \\&gt; y"  # shown as typed, not as ">"
+    assert _md_cell("<img src=x onerror=alert(1)>") == "\\<img src=x onerror=alert(1)>"
 
 
 def test_csv_and_json_exports(table):
@@ -437,7 +447,7 @@ def test_site_pages(site, table):
         "Reported",
         "Reproduced",
         "Δ",
-        "Size (MB)",
+        "Size",
         "Compr.",
         "BOPs",
         "Wall time",
@@ -448,6 +458,9 @@ def test_site_pages(site, table):
     assert 'class="badge b-within"' in index and 'class="badge b-not-run"' in index
     assert "96.20" in index and "± 0.28" in index and "(n=2)" in index
     assert 'href="javascript:' not in index  # the reported file's javascript: url is no link
+    assert "after its last epoch" in index  # which epoch the reproduced number is
+    sizes = re.findall(r'<td class="n" data-v="[^"]*">([0-9.]+ [kM]?B)', index)
+    assert sizes and all(not s.startswith("0.0") for s in sizes), sizes  # kB or MB by magnitude
 
     model_pages = list((site / "models").glob("*.html"))
     assert len(model_pages) == 2  # digits/small_cnn and cifar10/resnet20
@@ -461,6 +474,7 @@ def test_site_pages(site, table):
     lsq = next(p.read_text() for p in run_pages if "lsq W4A4 seed 0" in p.read_text())
     assert "features.0" in lsq and "QuantConv2d" in lsq and "accuracy per epoch" in lsq
     assert "<polyline" in lsq and "&#34;recipe&#34;" in lsq and "torch==2" in lsq
+    assert "after the last epoch" in lsq and "not the best epoch" in lsq
 
     methods = (site / "methods.html").read_text()
     for name in METHODS.names():
