@@ -145,8 +145,13 @@ def test_index_loads_clean_and_shows_the_runs(site, watched, tmp_path):
     rows = _visible_rows(page)
     ours = rows.filter(has=page.locator("td", has_text="small_cnn"))
     assert ours.count() == 3  # fp32, lsq 4/4, lsq 2/2: each the mean of its two seeds
-    assert all("(n=2)" in t for t in ours.locator("td:nth-child(6)").all_inner_texts())
+    assert all("(n=2)" in t for t in ours.locator("td:nth-child(7)").all_inner_texts())
+    # a metric column: a top-5 number never sits unlabelled among top-1 numbers
+    header = page.locator('section[data-section="Classification"] table.lb thead th').all_inner_texts()
+    assert header[4] == "Metric" and header[5] == "Reported"
+    metrics = rows.locator("td.metric").all_inner_texts()
     total = rows.count()
+    assert len(metrics) == total and set(metrics) <= {"Top-1", "Top-5"} and "Top-1" in metrics
     assert page.locator("#count").inner_text() == f"{total} of {total} rows shown"  # the script ran
     assert page.get_by_text(XSS).count() >= 1  # the comment shows as text ...
     shot = tmp_path / "leaderboard.png"
@@ -160,7 +165,7 @@ def test_sorting_changes_the_row_order(site, watched):
     page.goto(site.joinpath("index.html").as_uri())
     section = page.locator('section[data-section="Classification"]')
     header = section.locator("th", has_text="Reproduced")
-    col = 5
+    col = 6  # Dataset, Method, Model, A/W, Metric, Reported, Reproduced
     before = _column_values(page, col)
     header.locator("button").click()
     assert header.get_attribute("aria-sort") == "ascending"

@@ -444,6 +444,7 @@ def test_site_pages(site, table):
         "Method",
         "Model",
         "A/W",
+        "Metric",
         "Reported",
         "Reproduced",
         "Δ",
@@ -459,6 +460,7 @@ def test_site_pages(site, table):
     assert "96.20" in index and "± 0.28" in index and "(n=2)" in index
     assert 'href="javascript:' not in index  # the reported file's javascript: url is no link
     assert "after its last epoch" in index  # which epoch the reproduced number is
+    assert index.count('<td class="metric" data-v="top-1">Top-1</td>') == len(table)
     sizes = re.findall(r'<td class="n" data-v="[^"]*">([0-9.]+ [kM]?B)', index)
     assert sizes and all(not s.startswith("0.0") for s in sizes), sizes  # kB or MB by magnitude
 
