@@ -141,6 +141,15 @@ class MethodContext:
     cell_id: str = ""
 
 
+def calib_example(model: nn.Module, ctx: MethodContext) -> torch.Tensor | None:
+    """One sample of the first calibration batch, on the model's device in float32 (None
+    when there is no batch): the example input for counting MACs or tracing the model."""
+    for x, _ in ctx.calib_batches():
+        p = next(model.parameters(), None)
+        return x[:1].to(p.device if p is not None else x.device, torch.float32)
+    return None
+
+
 class Method:
     """Base class of every method. Subclasses set ``name``, ``paper`` and override hooks."""
 

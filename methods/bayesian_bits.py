@@ -149,7 +149,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from .base import Method, MethodContext, Paper
+from .base import Method, MethodContext, Paper, calib_example
 from .errors import QbenchError
 from .footprint import count_macs
 from .layers import first_last_layers
@@ -818,7 +818,7 @@ class BayesianBits(Method):
     def prepare(self, model: nn.Module, ctx: MethodContext) -> nn.Module:
         self._log = ctx.log
         first, last = first_last_layers(model)
-        example = self._example(model, ctx)
+        example = calib_example(model, ctx)
         macs = count_macs(model, example) if example is not None else {}
         pairs = conv_bn_pairs(model, example) if self.options.fold_bn else []
 
@@ -895,14 +895,6 @@ class BayesianBits(Method):
                     for k, v in bufs.items():
                         m._buffers[k].copy_(v)
             model.train(was_training)
-
-    @staticmethod
-    def _example(model: nn.Module, ctx: MethodContext) -> torch.Tensor | None:
-        """One sample of the first calibration batch (None if there is none)."""
-        for x, _ in ctx.calib_batches():
-            p = next(model.parameters(), None)
-            return x[:1].to(p.device if p is not None else x.device, torch.float32)
-        return None
 
     # -- training -----------------------------------------------------------------------
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:

@@ -19,7 +19,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -52,6 +52,10 @@ class Footprint:
     bops: int
     audit_ok: bool
     layers: list[LayerFootprint] = field(default_factory=list)
+    #: MACs of the full-precision reference when it is not this model's layers (a method
+    #: that rebuilds the model, e.g. Group-Net's K binary copies of each layer); None: the
+    #: measured layers' MACs
+    fp32_macs: int | None = None
 
     @property
     def compression_ratio(self) -> float:
@@ -60,7 +64,14 @@ class Footprint:
     @property
     def fp32_bops(self) -> int:
         """BOPs of the full-precision reference: every conv/linear layer at 32 x 32."""
-        return sum(layer.macs for layer in self.layers) * FP32_BOPS_PER_MAC
+        macs = self.fp32_macs if self.fp32_macs is not None else sum(layer.macs for layer in self.layers)
+        return macs * FP32_BOPS_PER_MAC
+
+    def against(self, reference: Footprint) -> Footprint:
+        """This footprint with ``reference`` (the full-precision model before a method rebuilt
+        it) as the 32-bit size and BOPs it is compared with."""
+        macs = sum(la.macs for la in reference.layers)
+        return replace(self, fp32_bytes=reference.fp32_bytes, fp32_macs=macs or None)
 
     @property
     def rel_bops(self) -> float:

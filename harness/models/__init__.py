@@ -21,7 +21,7 @@ from torch import nn
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
-_MODULES = ["small_cnn", "cifar_resnet", "lenet", "vgg", "resnet", "mobilenet", "preact_resnet"]
+_MODULES = ["small_cnn", "cifar_resnet", "lenet", "vgg", "resnet", "mobilenet", "preact_resnet", "bireal"]
 
 
 def register_model(name: str):
