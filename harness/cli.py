@@ -259,9 +259,17 @@ def show(suite, out, tracking_uri) -> None:
 @click.argument("source")
 @out_option
 @tracking_option
-def import_cmd(source, out, tracking_uri) -> None:
+@click.option(
+    "--bundle",
+    "bundle",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Write the runs into this results bundle (e.g. results/) instead of the store.",
+)
+def import_cmd(source, out, tracking_uri, bundle) -> None:
     """Copy the runs of the MLflow store SOURCE (a tracking URI, or a folder holding
-    mlflow.db, e.g. an --out folder brought back from a GPU machine) into this store.
+    mlflow.db, e.g. an --out folder brought back from a GPU machine) into this store, or
+    (--bundle DIR) into a results bundle: one small JSON file per cell, for the repository.
 
     Local artifacts are copied only from inside SOURCE's own artifact folders (mlartifacts/
     or mlruns/ beside its mlflow.db); any that point elsewhere are skipped and named."""
@@ -273,6 +281,18 @@ def import_cmd(source, out, tracking_uri) -> None:
         if not db.is_file():
             raise QbenchError("no MLflow store here (expected a tracking URI or a folder with mlflow.db)", source)
         src = f"sqlite:///{db.resolve()}"
+    if bundle is not None:
+        from qbench.leaderboard.bundle import bundle_from_store
+
+        if tracking_uri:
+            raise QbenchError("--bundle writes files, not a store: leave out --tracking-uri", "--bundle")
+        written, unchanged, missing = bundle_from_store(src, Path(bundle))
+        click.echo(
+            f"bundled {written} runs from {src} into {bundle} ({unchanged} unchanged"
+            + (f"; {missing} without a checkpoint in the store, so no checkpoint SHA-256" if missing else "")
+            + ")"
+        )
+        return
     ctx = _ctx(out, tracking_uri, None)
     writable_folder(ctx.out_dir)
     copied, skipped, outside = import_runs(src, ctx.tracker())

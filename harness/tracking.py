@@ -181,6 +181,16 @@ class RunRecord:
     end_time: int | None = None
 
 
+def safe_folder_name(name: str) -> str:
+    """A folder name for ``name`` (a suite, an experiment) that no name can turn into another
+    path: a slug of safe characters and a hash of the whole name (``../x`` -> ``x-1f0e...``)."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")[:48] or "suite"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+
 class Tracker:
     """A thin layer over MlflowClient with qbench's schema."""
 
@@ -241,15 +251,10 @@ class Tracker:
             return exp.experiment_id
         loc = None
         if self.artifact_root is not None:
-            import hashlib
-            import re
-
             # The name never chooses a path (``../../x``, ``/abs/path``, a name from an
-            # imported store): a slug of safe characters and a hash of the whole name make
-            # one new folder directly inside the artifact root.
-            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", suite).strip("._-")[:48] or "suite"
+            # imported store): one new folder directly inside the artifact root.
             root = self.artifact_root.resolve()
-            folder = (root / f"{slug}-{hashlib.sha256(suite.encode()).hexdigest()[:10]}").resolve()
+            folder = (root / safe_folder_name(suite)).resolve()
             if folder.parent != root:
                 raise RuntimeError(f"artifact folder {folder} of experiment {suite!r} is not inside {root}")
             root.mkdir(parents=True, exist_ok=True)

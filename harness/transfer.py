@@ -74,6 +74,17 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == r or path.is_relative_to(r) for r in roots)
 
 
+def confined_artifact(src_uri: str, artifact_uri: str, relative: str) -> Path | None:
+    """The local file ``relative`` under a run's ``artifact_uri`` in the store ``src_uri``
+    when it lies inside the store's own artifact folders (symlinks resolved) and exists;
+    None otherwise (a server's artifacts, a path the store points elsewhere)."""
+    folder = _local_path(artifact_uri)
+    if folder is None:
+        return None
+    path = Path(os.path.realpath(Path(folder) / relative))
+    return path if _inside(path, artifact_roots(src_uri)) and path.is_file() else None
+
+
 def _stage_local(folder: str, roots: list[Path], stage: Path, label: str, outside: list[str]) -> None:
     """Copy the files under the artifact folder ``folder`` into ``stage`` (same relative
     paths) when they lie inside ``roots`` once every symlink is resolved; name the rest in

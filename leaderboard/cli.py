@@ -32,9 +32,27 @@ import click
     type=click.Path(dir_okay=False, allow_dash=True),
     help="Where md/csv/json go ('-' for stdout; default <out>/leaderboard.<format>).",
 )
-def leaderboard_cmd(out: str, tracking_uri: str | None, fmt: str, output: str | None) -> None:
-    """Join the MLflow runs with the papers' reported numbers: a static site or an export."""
+@click.option(
+    "--bundle",
+    "bundle",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Results bundle to merge (default: the repository's results/, or $QBENCH_BUNDLE).",
+)
+@click.option("--no-bundle", is_flag=True, help="Show only the runs of the store, not the results bundle.")
+def leaderboard_cmd(
+    out: str, tracking_uri: str | None, fmt: str, output: str | None, bundle: str | None, no_bundle: bool
+) -> None:
+    """Join the MLflow runs (and the results bundle's) with the papers' reported numbers:
+    a static site or an export."""
+    from qbench.harness.errors import QbenchError
     from qbench.harness.tracking import Tracker, default_uri
+
+    from .bundle import DEFAULT
+
+    if bundle and no_bundle:
+        raise QbenchError("--bundle and --no-bundle exclude each other", "--no-bundle")
+    chosen = None if no_bundle else (Path(bundle) if bundle else DEFAULT)
 
     uri = tracking_uri or default_uri(out)
     if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :].split("?", 1)[0]).exists():
@@ -42,13 +60,13 @@ def leaderboard_cmd(out: str, tracking_uri: str | None, fmt: str, output: str | 
     if fmt == "html":
         from .site import build_site
 
-        index = build_site(uri, out)
+        index = build_site(uri, out, bundle=chosen)
         click.echo(f"leaderboard: {index.resolve().as_uri()}")
         return
     from .export import to_csv, to_json, to_markdown
     from .table import leaderboard_table
 
-    table = leaderboard_table(uri)
+    table = leaderboard_table(uri, bundle=chosen)
     text = {"md": to_markdown, "csv": to_csv, "json": to_json}[fmt](table)
     if output == "-":
         click.echo(text, nl=False)

@@ -42,6 +42,11 @@ class Run:
     group: str = ""  # the seed-independent configuration (see :func:`group_key`)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    #: where the leaderboard read it: "store" (the user's MLflow store) or "bundle" (the
+    #: results bundle in the repository, :mod:`qbench.leaderboard.bundle`)
+    source: str = "store"
+    #: SHA-256 of the run's checkpoint, as the bundle recorded it (None: not known)
+    checkpoint_sha256: str | None = None
 
     def tag(self, key: str, default: str = "") -> str:
         return self.tags.get(TAG + key, default)

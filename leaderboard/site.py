@@ -37,6 +37,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from . import svg
+from .bundle import DEFAULT, load_bundle, merge
 from .methods_info import registered_methods
 from .reported import load_reported
 from .runs import Run, fetch_runs, public_uri, run_url
@@ -450,7 +451,7 @@ def render_site(
                 curves=_curve_plots(run),
                 metrics=sorted(run.metrics.items()),
                 tags=sorted(run.tags.items()),
-                mlflow_url=run_url(tracking_uri, run),
+                mlflow_url=run_url(tracking_uri, run) if run.source == "store" else None,
                 models_nav=models_nav,
             ),
             encoding="utf-8",
@@ -484,12 +485,13 @@ def render_site(
     return site_dir / "index.html"
 
 
-def build_site(tracking_uri: str, out_dir: str | Path) -> Path:
-    """Build the leaderboard of ``tracking_uri`` into ``<out_dir>/site/``; returns the path of
-    its ``index.html``. The previous site is replaced only once the new one is complete."""
+def build_site(tracking_uri: str, out_dir: str | Path, bundle: Path | str | None = DEFAULT) -> Path:
+    """Build the leaderboard of ``tracking_uri`` (and of the results ``bundle``, for the cells
+    the store does not hold; None: none) into ``<out_dir>/site/``; returns the path of its
+    ``index.html``. The previous site is replaced only once the new one is complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = fetch_runs(tracking_uri, details=True)
+    runs = merge(fetch_runs(tracking_uri, details=True), load_bundle(bundle))
     reported = load_reported()
     table = build_table(runs, reported)
     site = out / "site"

@@ -26,10 +26,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .bundle import DEFAULT, load_bundle, merge
 from .reported import METRICS, load_reported
 from .runs import Run, fetch_runs
 
@@ -95,6 +97,7 @@ COLUMNS = [
     "suite",
     "group",
     "status",
+    "runs_from",
     "run_ids",
     "seeds",
     "errors",
@@ -211,11 +214,19 @@ def _group_row(g: _Group, comments: dict[str, str]) -> dict:
         "suite": r.experiment,
         "group": r.group,
         "status": "done" if not g.failed else ("failed" if not g.done else "partial"),
+        "runs_from": _runs_from(g.runs),
         "run_ids": [x.run_id for x in ordered],
         "seeds": [x.seed for x in ordered],
         "errors": [x.tag("error") for x in ordered if x.status == "failed"],
         "n_failed": len(g.failed),
     }
+
+
+def _runs_from(runs: list[Run]) -> str:
+    """``bundle`` (every run from the repository's results bundle), ``store`` (the user's
+    own store) or ``mixed``."""
+    sources = {r.source for r in runs}
+    return sources.pop() if len(sources) == 1 else "mixed"
 
 
 def _empty_run_fields() -> dict:
@@ -231,6 +242,7 @@ def _empty_run_fields() -> dict:
         "suite": "",
         "group": "",
         "status": "not run",
+        "runs_from": "",
         "run_ids": [],
         "seeds": [],
         "errors": [],
@@ -370,9 +382,14 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
 
 
 def leaderboard_table(
-    tracking_uri: str, reported: pd.DataFrame | None = None, runs: list[Run] | None = None
+    tracking_uri: str,
+    reported: pd.DataFrame | None = None,
+    runs: list[Run] | None = None,
+    bundle: Path | str | None = DEFAULT,
 ) -> pd.DataFrame:
-    """The leaderboard of ``tracking_uri``'s runs joined with every reported number."""
-    runs = fetch_runs(tracking_uri, details=False) if runs is None else runs
+    """The leaderboard of ``tracking_uri``'s runs (and the results ``bundle``'s, where the
+    store does not hold the cell; None: none) joined with every reported number."""
+    if runs is None:
+        runs = merge(fetch_runs(tracking_uri, details=False), load_bundle(bundle))
     reported = load_reported() if reported is None else reported
     return build_table(runs, reported)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# The leaderboard merges the repository's results bundle (results/) by default; tests see
+# only the runs they made (and their subprocesses inherit this), unless a test names a bundle.
+os.environ["QBENCH_BUNDLE"] = ""
 
 
 @pytest.fixture(scope="session")
