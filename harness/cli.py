@@ -309,6 +309,7 @@ def import_cmd(source, out, tracking_uri, bundle) -> None:
 from qbench.leaderboard.cli import leaderboard_cmd  # noqa: E402  (cheap: click only)
 
 cli.add_command(leaderboard_cmd)
+cli.add_command(__import__("qbench.leaderboard.verify", fromlist=["verify_cmd"]).verify_cmd)
 cli.add_command(__import__("qbench.harness.bench", fromlist=["bench"]).bench)  # torch loads lazily
 cli.add_command(__import__("qbench.harness.evaluate", fromlist=["evaluate_cmd"]).evaluate_cmd)
 

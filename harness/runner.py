@@ -28,7 +28,7 @@ from .errors import QbenchError
 from .fit import CellState, Trainer, cpu_state
 from .models.weights import safe_load
 from .suite import Cell
-from .tracking import RECORDED, TAG, RunRecord, Tracker
+from .tracking import DATA_FINGERPRINT, RECORDED, TAG, RunRecord, Tracker
 from .train import evaluate, seed_everything
 
 Report = Callable[..., None]
@@ -218,6 +218,8 @@ def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str
     tag_notation(cell, tracker, run_id)
     generator = seed_everything(cell.seed)
     data = _dataset(cell, ctx)
+    # provenance: exactly which data this run read (qbench verify checks it again)
+    tracker.set_tags(run_id, {DATA_FINGERPRINT: data.fingerprint()})
     model, method = model_and_method(cell, data)
     parent = parent_state(cell, ctx, tracker, runs) if cell.parent else None
     from_fp = parent is not None and cell.parent_method == "fp32"

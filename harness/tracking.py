@@ -58,6 +58,8 @@ PID = TAG + "pid"
 FINAL_STATUSES = ("done", "failed")
 #: per-epoch curves (step = epoch)
 CURVES = ("train_loss", "train_top1", "test_top1", "test_loss", "val_top1", "lr")
+#: SHA-256 of the data a run read (:meth:`qbench.harness.data.base.DataBundle.fingerprint`)
+DATA_FINGERPRINT = TAG + "data_fingerprint"
 #: the JSON artifacts every run carries
 ARTIFACTS = ("config.json", "environment.json", "footprint.json")
 

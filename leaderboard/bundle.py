@@ -21,7 +21,6 @@ file is a one-line error naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -177,19 +176,12 @@ def merge(store_runs: list[Run], bundled: list[Run]) -> list[Run]:
     return store_runs + [r for r in bundled if (r.experiment, r.cell_id) not in have]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bundle_from_store(src_uri: str, bundle: Path) -> tuple[int, int, int]:
     """Write every finished or failed run of the store ``src_uri`` into ``bundle``, with the
     SHA-256 of its checkpoint where the store holds it inside its own artifact folders.
     Returns (written, unchanged, without a checkpoint)."""
     from mlflow.tracking import MlflowClient
+    from qbench.harness.evaluate import sha256
     from qbench.harness.transfer import confined_artifact
 
     from .runs import fetch_runs
@@ -199,6 +191,6 @@ def bundle_from_store(src_uri: str, bundle: Path) -> tuple[int, int, int]:
     for run in fetch_runs(src_uri, details=True):
         ckpt = confined_artifact(src_uri, client.get_run(run.run_id).info.artifact_uri, CHECKPOINT)
         missing += ckpt is None
-        pairs.append((run, file_sha256(ckpt) if ckpt is not None else None))
+        pairs.append((run, sha256(ckpt) if ckpt is not None else None))
     written, unchanged = write_bundle(pairs, bundle)
     return written, unchanged, missing

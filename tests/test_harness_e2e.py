@@ -42,7 +42,18 @@ def test_one_finished_run_per_cell_with_schema(tiny) -> None:
     assert len(df) == 3 and set(df["status"]) == {"FINISHED"}
     assert set(df["tags.qbench.status"]) == {"done"}
     assert set(df["tags.qbench.method"]) == {"fp32", "uniform", "lsq"}
-    for tag in ("cell_id", "suite", "model", "dataset", "w_bits", "a_bits", "seed", "code_version", "tolerance"):
+    for tag in (
+        "cell_id",
+        "suite",
+        "model",
+        "dataset",
+        "w_bits",
+        "a_bits",
+        "seed",
+        "code_version",
+        "tolerance",
+        "data_fingerprint",
+    ):
         assert df[f"tags.qbench.{tag}"].notna().all(), tag
     for metric in ("top1", "top5", "size_bytes", "compression_ratio", "bops", "wall_time_s", "bit_audit_ok"):
         assert df[f"metrics.{metric}"].notna().all(), metric

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -183,3 +184,27 @@ class DataBundle:
     @property
     def val(self):
         return self.splits.get("val")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of exactly what the splits hold: per split (by name) its decoded uint8
+        images and labels and its normalisation, or for a split streamed from files its file
+        names and labels (a file rewritten in place keeps its name: the name list is what is
+        checked there); a missing split counts as missing. Two runs with the same
+        fingerprint read the same data."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.name}|{self.variant}|{self.num_classes}".encode())
+        for name in sorted(self.splits):
+            split = self.splits[name]
+            if isinstance(split, MissingSplit):
+                h.update(f"|{name}:missing".encode())
+                continue
+            h.update(f"|{name}:{type(split).__name__}:{len(split)}".encode())
+            if isinstance(split, TensorSplit):
+                h.update(split.images.contiguous().numpy().tobytes())
+                h.update(split.labels.to(torch.int64).contiguous().numpy().tobytes())
+                h.update(repr((split.mean, split.std, split.pad, split.flip)).encode())
+            elif hasattr(split, "files") and hasattr(split, "labels"):
+                for f, y in zip(split.files, torch.as_tensor(split.labels).tolist(), strict=True):
+                    h.update(f"{Path(f).parent.name}/{Path(f).name}:{y}\n".encode())
+        return h.hexdigest()
