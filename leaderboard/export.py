@@ -72,6 +72,10 @@ def to_markdown(table: pd.DataFrame) -> str:
         ]
         for _, r in rows.iterrows():
             delta = f"{r['delta']:+.2f} ({r['badge']})" if _finite(r["delta"]) else "-"
+            if r["delta_basis"] == "drop":  # other images than the paper's: the drops compare
+                delta = f"drop {r['drop']:+.2f} vs paper {r['reported_drop']:+.2f} ({r['badge']}; {r['data_note']})"
+            elif r["delta_basis"] == "none":
+                delta = f"{r['delta']:+.2f} absolute, not comparable ({r['data_note']})"
             reported = f"{r['reported']:.2f}" if _finite(r["reported"]) else "-"
             cells = [
                 r["dataset"],

@@ -49,7 +49,11 @@ BADGES = {
     "no-reported": "no reported value",
     "not-run": "not reproduced yet",
     "failed": "failed",
+    "other-data": "different data, no baselines to compare drops",
 }
+#: datasets whose papers used other images than a run may read: the run's
+#: ``dataset_options.format`` -> what it says about the data (papers: the original images)
+DATA_VARIANTS = {"jpeg": "JPEG split"}
 MIB = 2**20  # the papers' "MB" (a ResNet-18 at 32 bits is 44.6 MB)
 #: half the last printed digit of a paper's "1.54 MB": closer than this is the same size
 SIZE_TOLERANCE_MB = 0.005
@@ -73,6 +77,12 @@ COLUMNS = [
     "n_failed",
     "delta",
     "badge",
+    "fp_reproduced",
+    "drop",
+    "reported_fp",
+    "reported_drop",
+    "delta_basis",
+    "data_note",
     "tolerance",
     "size_mb",
     "compression_ratio",
@@ -215,11 +225,30 @@ def _group_row(g: _Group, comments: dict[str, str]) -> dict:
         "group": r.group,
         "status": "done" if not g.failed else ("failed" if not g.done else "partial"),
         "runs_from": _runs_from(g.runs),
+        "data_variant": DATA_VARIANTS.get(r.params.get("dataset_options.format", ""), ""),
         "run_ids": [x.run_id for x in ordered],
         "seeds": [x.seed for x in ordered],
         "errors": [x.tag("error") for x in ordered if x.status == "failed"],
         "n_failed": len(g.failed),
     }
+
+
+def _baseline_group(members: list[Run], by_cell: dict[str, Run], groups: dict[str, list[Run]]) -> _Group | None:
+    """The full-precision group the runs of one configuration were trained from (their
+    parents' group, when every parent is one fp32 configuration), or None."""
+    parents = {by_cell[p].group for r in members if (p := r.tag("parent")) in by_cell}
+    if len(parents) != 1:
+        return None
+    group = groups[parents.pop()]
+    return _Group(group) if group[0].tag("method") == "fp32" else None
+
+
+def _reported_baselines(reported: pd.DataFrame) -> dict[tuple, float]:
+    """(paper, dataset, model, metric) -> that paper's full-precision number."""
+    out: dict[tuple, float] = {}
+    for _, rep in reported[reported["method"] == "fp32"].iterrows():
+        out.setdefault((rep["paper"], rep["dataset"], rep["model"], rep["metric"]), float(rep["value"]))
+    return out
 
 
 def _runs_from(runs: list[Run]) -> str:
@@ -243,6 +272,7 @@ def _empty_run_fields() -> dict:
         "group": "",
         "status": "not run",
         "runs_from": "",
+        "data_variant": "",
         "run_ids": [],
         "seeds": [],
         "errors": [],
@@ -291,9 +321,11 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
         by_key[(rep["dataset"], rep["model"], rep["method"], int(rep["w_bits"]), int(rep["a_bits"]))].append(i)
     matched: set[int] = set()
     rows: list[dict] = []
+    by_cell = {r.cell_id: r for r in runs}
     for members in groups.values():
         g = _Group(members)
         base = _group_row(g, comments)
+        fp_group = _baseline_group(members, by_cell, groups)
         notation = g.first.tag("notation")
         candidates = [
             i
@@ -318,6 +350,7 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
                 "reproduced": mean,
                 "std": std,
                 "n": n,
+                "fp_reproduced": fp_group.stat(metric)[0] if fp_group is not None else math.nan,
             }
             if rep is not None:
                 matched.add(i)
@@ -345,14 +378,32 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
                 "reproduced": math.nan,
                 "std": math.nan,
                 "n": 0,
+                "fp_reproduced": math.nan,
                 "method_comment": comments.get(rep["method"], ""),
             }
         )
 
+    paper_fp = _reported_baselines(reported)
+
     for row in rows:
         rep, rp = row["reported"], row["reproduced"]
         row["delta"] = rp - rep if math.isfinite(rep) and math.isfinite(rp) else math.nan
-        if math.isfinite(row["delta"]):
+        row["drop"] = rp - row["fp_reproduced"] if row["method"] != "fp32" else math.nan
+        row["reported_fp"] = paper_fp.get((row["paper"], row["dataset"], row["model"], row["metric"]), math.nan)
+        row["reported_drop"] = rep - row["reported_fp"] if row["method"] != "fp32" else math.nan
+        other_data = bool(row["data_variant"]) and math.isfinite(rep)
+        row["data_note"] = f"ours: {row['data_variant']}; paper: original images" if other_data else ""
+        row["delta_basis"] = "absolute"
+        if other_data and math.isfinite(rp):
+            # different images: absolute numbers do not compare; the drops from each side's
+            # own full-precision baseline do, where both sides have one
+            if math.isfinite(row["drop"]) and math.isfinite(row["reported_drop"]):
+                row["delta_basis"] = "drop"
+                row["badge"] = _badge(row["drop"] - row["reported_drop"], row["tolerance"])
+            else:
+                row["delta_basis"] = "none"
+                row["badge"] = "other-data"
+        elif math.isfinite(row["delta"]):
             row["badge"] = _badge(row["delta"], row["tolerance"])
         elif not math.isfinite(rep):
             row["badge"] = "failed" if row["status"] == "failed" else "no-reported"

@@ -93,6 +93,7 @@ class Store:
         cell_id=None,
         metrics=None,
         epochs=3,
+        extra_params=None,
     ) -> str:
         from mlflow.entities import Metric, Param, RunTag
 
@@ -148,6 +149,7 @@ class Store:
             "recipe.epochs": str(epochs),
             "recipe.lr": "0.05",
             "parent": parent or "None",
+            **(extra_params or {}),
         }
         self.client.log_batch(
             rid,
@@ -688,3 +690,44 @@ def test_method_notation_tags_the_run_and_picks_its_reported_row(tmp_path, regim
     small, large = _row(t, "test_regimes", "small blocks"), _row(t, "test_regimes", "large blocks")
     assert small["reported"] == 90.0 and small["n"] == 1 and math.isfinite(small["reproduced"])
     assert large["reported"] == 80.0 and large["status"] == "failed" and large["badge"] == "failed"
+
+
+DROPS = """
+paper: {key: demo2, title: "Demo 2", authors: "A", venue: "V", year: 2020}
+rows:
+  - {dataset: cifar10, model: resnet20, method: fp32, w_bits: 32, a_bits: 32, metric: top1,
+     value: 92.0, source: "Table 1"}
+  - {dataset: cifar10, model: resnet20, method: apot, w_bits: 4, a_bits: 4, metric: top1,
+     value: 91.0, source: "Table 1"}
+"""
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", None])
+def test_other_images_than_the_papers_compare_drops_not_absolute_numbers(tmp_path, fmt):
+    """On the JPEG split (papers: the original images) the badge judges our drop from our own
+    full-precision baseline against the paper's drop from its baseline, and the row says
+    which data each side used; on the same data it judges the absolute numbers."""
+    s = Store(tmp_path / "mlflow")
+    extra = {"dataset_options.format": fmt} if fmt else {}
+    kw = {"dataset": "cifar10", "model": "resnet20", "extra_params": extra}
+    for seed, (fp, q) in enumerate([(90.0, 89.0), (90.2, 89.4)]):
+        s.run("fp32", 32, 32, seed, fp, **kw)
+        s.run("apot", 4, 4, seed, q, parent=f"cifar10-resnet20-fp32-32-32-{seed}", **kw)
+    table = leaderboard_table(s.uri, reported=load_reported([("methods/reported/demo2.yaml", DROPS)]), bundle=None)
+    apot = table[table["method"] == "apot"].iloc[0]
+    fp32 = table[table["method"] == "fp32"].iloc[0]
+    assert apot["delta"] == pytest.approx(89.2 - 91.0)  # the absolute gap is always shown
+    assert apot["drop"] == pytest.approx(89.2 - 90.1) and apot["reported_drop"] == pytest.approx(-1.0)
+    if fmt == "jpeg":
+        assert apot["delta_basis"] == "drop" and apot["badge"] == "within"  # -0.9 vs -1.0
+        assert apot["data_note"] == "ours: JPEG split; paper: original images"
+        assert fp32["badge"] == "other-data" and fp32["delta_basis"] == "none"
+        md = to_markdown(table)
+        assert "drop -0.90 vs paper -1.00 (within; ours: JPEG split; paper: original images)" in md
+        assert "absolute, not comparable" in md  # the full-precision row
+        site = tmp_path / "site"
+        render_site(table, fetch_runs(s.uri), site, s.uri, reported=None)
+        index = (site / "index.html").read_text()
+        assert "drop +" not in index and "drop -0.90" in index and "ours: JPEG split; paper: original images" in index
+    else:
+        assert apot["delta_basis"] == "absolute" and apot["badge"] == "below" and apot["data_note"] == ""
