@@ -491,7 +491,10 @@ def test_every_link_resolves_and_csp_matches_the_script(site):
         for href in re.findall(r'href="([^"]+)"', html):
             if href.startswith(("http://", "https://")):
                 continue
-            assert (page.parent / href).resolve().exists(), (page.name, href)
+            path, _, fragment = href.partition("#")
+            target = (page.parent / path).resolve()
+            assert target.exists(), (page.name, href)
+            assert not fragment or f'id="{fragment}"' in target.read_text(), (page.name, href)
         scripts = re.findall(r"<script>(.*?)</script>", html, re.S)
         assert len(scripts) == 1, page  # ours only
         digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
