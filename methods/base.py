@@ -32,7 +32,8 @@ Life of a cell, as the runner drives it (every hook it calls is declared here)::
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar, Protocol
@@ -192,20 +193,30 @@ class Method:
         if batches <= 0 or not quantizers:
             return
         was_training = model.training
-        model.eval()
-        for q in quantizers:
-            q.observing = True
         try:
-            with torch.no_grad():
-                for i, (x, _) in enumerate(ctx.calib_batches()):
-                    if i >= batches:
-                        break
-                    model(x)
+            with self.calibration_mode(model):
+                for q in quantizers:
+                    q.observing = True
+                try:
+                    with torch.no_grad():
+                        for i, (x, _) in enumerate(ctx.calib_batches()):
+                            if i >= batches:
+                                break
+                            model(x)
+                finally:
+                    for q in quantizers:
+                        q.observing = False
+                        q.mark_initialized()
         finally:
-            for q in quantizers:
-                q.observing = False
-                q.initialized.fill_(True)
             model.train(was_training)
+
+    @contextmanager
+    def calibration_mode(self, model: nn.Module) -> Iterator[None]:
+        """The state the model calibrates in (:meth:`calibrate` restores its training flag
+        afterwards): eval mode. A method whose paper initialises its ranges on a training-mode
+        pass overrides this."""
+        model.eval()
+        yield
 
     def train(self, model: nn.Module, ctx: MethodContext) -> bool:
         """Own the training phase (return True), or leave it to the runner's loop (False)."""

@@ -142,6 +142,8 @@ gates; each quantizer then reports its learned width (0: every channel pruned) t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -856,7 +858,8 @@ class BayesianBits(Method):
                     q.set_mac_ratio(ratio)
         return model
 
-    def calibrate(self, model: nn.Module, ctx: MethodContext) -> None:
+    @contextmanager
+    def calibration_mode(self, model: nn.Module) -> Iterator[None]:
         """Initialise the activation ranges on the first calibration batch with the model in
         training mode, as the official code does on its first (training-mode) forward pass
         (``init_xminmax``): BatchNorms, folded or not, normalise with the batch statistics,
@@ -866,35 +869,22 @@ class BayesianBits(Method):
         values up to ~3, every value clipped to one constant and the model stuck at chance).
         The quantizers themselves stay in eval mode (deterministic test-time gates, all on
         at their initial log-alpha; plain rounding); BatchNorm running statistics are
-        restored afterwards, so they do not move."""
+        restored afterwards, so they do not move. (:meth:`Method.calibrate` runs the batches.)"""
         from torch.nn.modules.batchnorm import _BatchNorm
 
-        batches = ctx.recipe.calib_batches
-        quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
-        if batches <= 0 or not quantizers:
-            return
         bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
         saved = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in bns]
-        was_training = model.training
         model.train()
-        for q in quantizers:
-            q.eval()
-            q.observing = True
+        for q in model.modules():
+            if isinstance(q, Quantizer):
+                q.eval()
         try:
-            with torch.no_grad():
-                for i, (x, _) in enumerate(ctx.calib_batches()):
-                    if i >= batches:
-                        break
-                    model(x)
+            yield
         finally:
-            for q in quantizers:
-                q.observing = False
-                q.mark_initialized()
             with torch.no_grad():
                 for m, bufs in zip(bns, saved, strict=True):
                     for k, v in bufs.items():
                         m._buffers[k].copy_(v)
-            model.train(was_training)
 
     # -- training -----------------------------------------------------------------------
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
