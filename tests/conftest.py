@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,15 @@ def shared_data() -> Path:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def run_suite(suite: Path, out: Path) -> None:
+    """``qbench run SUITE --out OUT --no-leaderboard`` in a subprocess, as a user types it;
+    the test fails with the command's output if it does not exit 0."""
+    res = subprocess.run(
+        [sys.executable, "-m", "qbench.harness.cli", "run", str(suite), "--out", str(out), "--no-leaderboard"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

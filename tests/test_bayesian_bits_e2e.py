@@ -7,12 +7,11 @@ MLflow are the ones the footprint (size, BOPs, bit audit) was computed from."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import run_suite
 
 SUITE = Path(__file__).parent / "suites" / "bb_tiny.yaml"
 pytestmark = pytest.mark.slow
@@ -21,13 +20,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("bb")
-    res = subprocess.run(
-        [sys.executable, "-m", "qbench.harness.cli", "run", str(SUITE), "--out", str(out), "--no-leaderboard"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_suite(SUITE, out)
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     df = mlflow.search_runs(search_all_experiments=True)
     bb = df[df["tags.qbench.method"] == "bayesian_bits"]

@@ -7,12 +7,11 @@ size and BOPs (binary MACs at 1 x 1 bit) against the full-precision model it cam
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import run_suite
 
 SUITE = Path(__file__).parent / "suites" / "binary_tiny.yaml"
 pytestmark = pytest.mark.slow
@@ -22,13 +21,7 @@ BINARY = {"xnor", "xnorpp", "groupnet", "bireal"}
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("binary")
-    res = subprocess.run(
-        [sys.executable, "-m", "qbench.harness.cli", "run", str(SUITE), "--out", str(out), "--no-leaderboard"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_suite(SUITE, out)
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     df = mlflow.search_runs(search_all_experiments=True)
     return out, {(r["tags.qbench.model"], r["tags.qbench.method"]): r for _, r in df.iterrows()}

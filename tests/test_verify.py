@@ -5,13 +5,12 @@ be the one whose SHA-256 the bundle recorded."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_suite
 from qbench.harness.cli import cli
 from qbench.leaderboard.runs import fetch_runs
 
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("verify")
-    res = subprocess.run(
-        [sys.executable, "-m", "qbench.harness.cli", "run", str(SUITE), "--out", str(out), "--no-leaderboard"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_suite(SUITE, out)
     return out
 
 
