@@ -446,7 +446,7 @@ class APoT(Method):
 
     def prepare(self, model: nn.Module, ctx: MethodContext | None = None) -> nn.Module:
         from .layers import first_last_layers
-        from .modules import _set_submodule, _wrap
+        from .modules import _wrap, set_submodule
 
         o = self.options
         policy = "fp" if o.first_last == "official" else o.first_last
@@ -462,7 +462,7 @@ class APoT(Method):
         )
         if o.first_last == "official":
             for name in ends:
-                _set_submodule(model, name, _wrap(model.get_submodule(name), MaxScaled8bit(), Identity()))
+                set_submodule(model, name, _wrap(model.get_submodule(name), MaxScaled8bit(), Identity()))
         return model
 
     def import_checkpoint(self, obj: dict, model: nn.Module, where: str | None = None) -> None:

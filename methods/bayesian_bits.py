@@ -155,7 +155,7 @@ from .base import Method, MethodContext, Paper, calib_example
 from .errors import QbenchError
 from .footprint import count_macs
 from .layers import first_last_layers
-from .modules import Identity, QuantConv2d, Quantizer, QuantLinear, quant_layers, quantize_model
+from .modules import Identity, QuantConv2d, Quantizer, QuantLinear, quant_layers, quantize_model, set_submodule
 from .recipe import Recipe
 
 #: hard-concrete stretch and temperature (``hc_beta``, ``hc_zeta``, ``hc_gamma``)
@@ -694,11 +694,6 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     return new
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def folded_layers(model: nn.Module) -> list[tuple[str, _FoldedBN]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _FoldedBN)]
 
@@ -843,8 +838,8 @@ class BayesianBits(Method):
         for name, bn_name in pairs:  # conv/linear + BatchNorm -> one folded layer
             layer = model.get_submodule(name)
             if isinstance(layer, (QuantConv2d, QuantLinear)):
-                _replace(model, name, fold_bn(layer, model.get_submodule(bn_name)))
-                _replace(model, bn_name, nn.Identity())
+                set_submodule(model, name, fold_bn(layer, model.get_submodule(bn_name)))
+                set_submodule(model, bn_name, nn.Identity())
         top = max(macs.values()) if macs else 0
         for name, layer in quant_layers(model):
             wq, aq = layer.weight_quantizer, layer.act_quantizer

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import forward_value
-from .modules import QuantConv2d, Quantizer, QuantLinear, per_channel_groups
+from .modules import QuantConv2d, Quantizer, QuantLinear, per_channel_groups, set_submodule
 
 SignGrad = Literal["pass", "STE", "triangle"]
 WeightGrad = Literal["pass", "STE", "paper", "magnitude"]
@@ -257,7 +257,5 @@ def drop_relus(model: nn.Module) -> int:
     ``F.relu`` calls inside a model's ``forward`` are not reached."""
     names = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, nn.Identity())
+        set_submodule(model, name, nn.Identity())
     return len(names)

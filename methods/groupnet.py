@@ -76,7 +76,7 @@ from .base import Method, MethodContext, Paper, calib_example
 from .binary import SignActivation, SignWeight, binary_sign, mean_abs
 from .footprint import Footprint, footprint
 from .layers import first_last_layers
-from .modules import QuantConv2d, QuantLinear
+from .modules import QuantConv2d, QuantLinear, set_submodule
 
 Ste = Literal["identity", "clipped"]
 
@@ -238,11 +238,6 @@ class GroupNetOptions(BaseModel):
     ste: Ste = "identity"
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 class GroupNet(Method):
     name = "groupnet"
     paper = Paper(
@@ -272,7 +267,7 @@ class GroupNet(Method):
         if o.decomposition == "group":
             blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, BasicBlock)]
             for name, block in blocks:
-                _set(model, name, GroupNetBlock(block, o.base, o.order, o.bireal, per_channel, o.ste))
+                set_submodule(model, name, GroupNetBlock(block, o.base, o.order, o.bireal, per_channel, o.ste))
         inside = (QuantConv2d, QuantLinear, BinaryBases, GroupNetBlock)
         taken = {id(m) for b in model.modules() if isinstance(b, inside) for m in b.modules()}
         layers = [
@@ -281,13 +276,13 @@ class GroupNet(Method):
             if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in taken and n not in ends
         ]
         for name, layer in layers:
-            _set(model, name, BinaryBases(layer, o.base, per_channel, o.ste))
+            set_submodule(model, name, BinaryBases(layer, o.base, per_channel, o.ste))
         # a ReLU module outside the rebuilt blocks feeds a binary layer's sign, and the sign
         # of a ReLU output is +1 everywhere: drop it (the blocks keep their own, cabs order)
         inside = {id(m) for b in model.modules() if isinstance(b, GroupNetBlock) for m in b.modules()}
         for name, m in list(model.named_modules()):
             if isinstance(m, nn.ReLU) and id(m) not in inside:
-                _set(model, name, nn.Identity())
+                set_submodule(model, name, nn.Identity())
         return model
 
     def footprint(self, model: nn.Module, example: torch.Tensor | None = None) -> Footprint:

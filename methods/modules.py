@@ -202,11 +202,12 @@ def quantize_model(
             continue  # nothing to quantize: the layer stays a plain full-precision layer
         wq = make_weight(module, name, wb) if wb < 32 else Identity()
         aq = make_act(module, name, ab) if ab < 32 else Identity()
-        _set_submodule(model, name, _wrap(module, wq, aq))
+        set_submodule(model, name, _wrap(module, wq, aq))
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the dotted ``name`` of ``model`` (``features.3``, ``layer1.0.conv1``)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

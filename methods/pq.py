@@ -58,6 +58,7 @@ from torch import nn
 
 from .base import Method, MethodContext
 from .layers import first_last_layers
+from .modules import set_submodule
 
 # -- layouts and rules ----------------------------------------------------------------------
 
@@ -205,9 +206,7 @@ def pq_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def swap_layers(model: nn.Module, plan: dict[str, tuple[int, int]]) -> nn.Module:
     """Replace each layer named in ``plan`` (name -> (k, d)) by its PQ layer, in place."""
     for name, (k, d) in plan.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, to_pq(model.get_submodule(name), k, d))
+        set_submodule(model, name, to_pq(model.get_submodule(name), k, d))
     return model
 
 
