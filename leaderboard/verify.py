@@ -11,6 +11,13 @@ the run's ``config.json``; the data must be the ones the run read (its
 of correctly classified images equals the logged one; FAIL names the difference (images and
 points), exit status 1.
 
+``qbench verify --retrain RUN`` trains the cell again from its logged ``config.json`` (and
+its parents', found by cell id in the store or the bundle: a quantized cell's full-precision
+model is trained again too), in a temporary store unless ``--retrain-out`` names one, and
+says whether the new top-1 falls within the seeds' spread: the range of the final top-1 of
+the runs of the cell's group (every seed of the same configuration), widened by the cell's
+tolerance (points). PASS exit 0, FAIL exit 1.
+
 Runs trained on a GPU evaluated there under bf16 autocast; scored again on a CPU in float32
 they can differ by a few images on rounding boundaries: verify them on the kind of machine
 that made them (the run's ``environment.json`` says which).
@@ -148,6 +155,94 @@ def verify_run(run: Run, checkpoint: Path, data_root: str | None = None, device:
     return Verdict(ok, float(logged), float(m["top1"]), n, logged_correct, correct)
 
 
+@dataclass
+class Retrained:
+    ok: bool
+    top1: float
+    seeds: list[float]  # the final top-1 of each run of the cell's group
+    tolerance: float
+
+    def line(self, run: Run) -> str:
+        what = f"{run.name} ({run.cell_id})"
+        if not self.seeds:
+            return f"FAIL {what}: the retrained cell gave no top-1"
+        lo, hi = min(self.seeds), max(self.seeds)
+        mean = sum(self.seeds) / len(self.seeds)
+        spread = f"seeds' range {lo:.2f}-{hi:.2f}% (mean {mean:.2f}%, n={len(self.seeds)}) +- {self.tolerance:g}"
+        verdict = "within" if self.ok else "outside"
+        return f"{'PASS' if self.ok else 'FAIL'} {what}: retrained top-1 {self.top1:.2f}% is {verdict} the {spread}"
+
+
+def cell_of(run: Run):
+    """The :class:`~qbench.harness.suite.Cell` the run's ``config.json`` describes; its id must
+    be the run's cell id (a config edited by hand, or from another qbench, is refused)."""
+    from dataclasses import fields
+
+    from qbench.harness.suite import Cell
+
+    cfg = run.artifacts.get("config.json")
+    if not isinstance(cfg, dict) or "method" not in cfg:
+        raise QbenchError("the run has no config.json to rebuild its cell from", run.run_id)
+    names = {f.name for f in fields(Cell)}
+    try:
+        cell = Cell(**{k: v for k, v in cfg.items() if k in names})
+    except TypeError as e:
+        raise QbenchError(f"config.json does not describe a cell ({e})", run.run_id) from None
+    if cell.id != cfg.get("id"):
+        raise QbenchError(f"config.json rebuilds cell {cell.id}, not the run's {cfg.get('id')}", run.run_id)
+    return cell
+
+
+def chain_of(run: Run, tracking_uri: str, bundle) -> list:
+    """The run's cell and its ancestors (parents first), each rebuilt from its own run."""
+    cells = [cell_of(run)]
+    while cells[0].parent:
+        parent = find_run(cells[0].parent, tracking_uri, bundle)
+        cells.insert(0, cell_of(parent))
+    return cells
+
+
+def group_top1(run: Run, tracking_uri: str, bundle) -> list[float]:
+    """The final top-1 of every finished run of the run's group (its seeds), store and bundle,
+    one per cell (the store's where both hold it)."""
+    from .bundle import load_bundle
+    from .runs import fetch_runs
+
+    group = run.tag("group")
+    seen: dict[str, float] = {}
+    for runs in (fetch_runs(tracking_uri, details=False), load_bundle(bundle)):
+        for r in runs:
+            if group and r.tag("group") == group and "top1" in r.metrics and r.cell_id not in seen:
+                seen[r.cell_id] = float(r.metrics["top1"])
+    if not seen and "top1" in run.metrics:
+        seen[run.cell_id] = float(run.metrics["top1"])
+    return list(seen.values())
+
+
+def retrain_run(run: Run, tracking_uri: str, bundle, out: Path, data_root: str | None, device: str) -> Retrained:
+    """Train the run's cell (and its parents) again into ``out`` and judge the new top-1."""
+    from qbench.harness.executor import LocalExecutor
+    from qbench.harness.progress import Reporter
+    from qbench.harness.runner import RunContext
+    from qbench.harness.tracking import default_uri
+
+    cells = chain_of(run, tracking_uri, bundle)
+    seeds = group_top1(run, tracking_uri, bundle)
+    ctx = RunContext(out_dir=out.resolve(), tracking_uri=default_uri(out), data_root=data_root, force=True)
+    reporter = Reporter(len(cells))
+    try:
+        results = LocalExecutor([device]).run(cells, ctx, reporter)
+    finally:
+        reporter.close()
+    last = results[-1]
+    if last.status != "done" or "top1" not in last.metrics:
+        raise QbenchError(f"the retrained cell {last.status}: {last.error or 'no top-1'}", run.cell_id)
+    top1 = float(last.metrics["top1"])
+    tol = float(cells[-1].tolerance)
+    ok = bool(seeds) and min(seeds) - tol <= top1 <= max(seeds) + tol
+    return Retrained(ok, top1, seeds, tol)
+
+
 @click.command("verify")
 @click.argument("run_key", metavar="RUN")
 @click.option("--out", default="qbench-out", show_default=True, type=click.Path(file_okay=False))
@@ -161,8 +256,21 @@ def verify_run(run: Run, checkpoint: Path, data_root: str | None = None, device:
 @click.option("--bundle", default=None, type=click.Path(file_okay=False), help="Results bundle to look in.")
 @click.option("--data-root", default=None, type=click.Path(file_okay=False))
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available).")
-def verify_cmd(run_key, out, tracking_uri, checkpoint, bundle, data_root, device) -> None:
-    """Score RUN's checkpoint again and confirm its logged top-1 to the image (exit 1 if not)."""
+@click.option(
+    "--retrain",
+    is_flag=True,
+    help="Train the cell again (and its parents) from its logged config; PASS if the new top-1 "
+    "falls within the seeds' range of its group, widened by the cell's tolerance.",
+)
+@click.option(
+    "--retrain-out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where --retrain trains (its own store and checkpoints; default: a temporary folder).",
+)
+def verify_cmd(run_key, out, tracking_uri, checkpoint, bundle, data_root, device, retrain, retrain_out) -> None:
+    """Score RUN's checkpoint again and confirm its logged top-1 to the image (exit 1 if not);
+    with --retrain, train it again and compare with the seeds' spread."""
     from qbench.harness.tracking import Tracker, default_uri
 
     from .bundle import DEFAULT
@@ -171,9 +279,29 @@ def verify_cmd(run_key, out, tracking_uri, checkpoint, bundle, data_root, device
     if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :].split("?", 1)[0]).exists():
         Tracker(uri)  # a damaged store: one line, exit 2
     run = find_run(run_key, uri, Path(bundle) if bundle else DEFAULT)
+    if retrain:
+        if checkpoint:
+            raise QbenchError("--retrain trains a new checkpoint: leave --checkpoint out", "--checkpoint")
+        dev = device or ("cuda" if _cuda() else "cpu")
+        bundle_dir = Path(bundle) if bundle else DEFAULT
+        if retrain_out:
+            result = retrain_run(run, uri, bundle_dir, Path(retrain_out), data_root, dev)
+        else:
+            with tempfile.TemporaryDirectory() as work:
+                result = retrain_run(run, uri, bundle_dir, Path(work), data_root, dev)
+        click.echo(result.line(run))
+        if not result.ok:
+            raise SystemExit(1)
+        return
     with tempfile.TemporaryDirectory() as work:
         path = checkpoint_of(run, uri, checkpoint, Path(work))
         verdict = verify_run(run, path, data_root, device)
     click.echo(verdict.line(run))
     if not verdict.ok:
         raise SystemExit(1)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -93,3 +93,36 @@ def test_runs_record_their_data_fingerprint_and_other_data_fail(out):
     finally:
         client.set_tag(run.run_id, "qbench.data_fingerprint", run.tag("data_fingerprint"))
     assert res.exit_code == 1 and "not the data the run read" in res.output, res.output
+
+
+def test_retrain_trains_the_cell_again_and_judges_it_against_the_seeds(out, tmp_path):
+    """--retrain rebuilds the LSQ cell and its full-precision parent from their logged configs,
+    trains both again (here on the CPU, where the same seed gives the same top-1) and PASSes;
+    against a bundle whose runs of that group logged a top-1 20 points higher, the same
+    retrained number falls outside the seeds' range and FAILs (exit 1), naming both."""
+    import json
+
+    run = _lsq(out)
+    retrained = tmp_path / "again"
+    args = ["verify", run.cell_id, "--retrain", "--device", "cpu", "--retrain-out", str(retrained)]
+    res = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    verdict = res.output.strip().splitlines()[-1]  # after the retraining's progress lines
+    assert verdict.startswith("PASS ") and f"retrained top-1 {run.metrics['top1']:.2f}%" in verdict
+    again = fetch_runs(f"sqlite:///{retrained / 'mlflow.db'}")
+    assert sorted(r.tag("method") for r in again) == ["fp32", "lsq"]  # the parent was trained again
+    assert {r.cell_id for r in again} >= {run.cell_id}
+
+    bundle = tmp_path / "results"
+    assert CliRunner().invoke(cli, ["import", str(out), "--bundle", str(bundle)]).exit_code == 0
+    (path,) = [p for p in bundle.rglob(f"{run.cell_id}.json")]
+    record = json.loads(path.read_text())
+    record["metrics"]["top1"] = run.metrics["top1"] + 20.0
+    path.write_text(json.dumps(record))
+    empty = tmp_path / "mine"
+    res = CliRunner().invoke(cli, [*args[:-2], "--out", str(empty), "--bundle", str(bundle)])
+    assert res.exit_code == 1, res.output
+    verdict = res.output.strip().splitlines()[-1]
+    assert verdict.startswith("FAIL ") and "outside the seeds' range" in verdict
+    res = CliRunner().invoke(cli, [*args, "--out", str(out), "--checkpoint", str(path)])
+    assert res.exit_code == 2 and "--checkpoint" in res.output
