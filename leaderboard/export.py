@@ -80,7 +80,7 @@ def to_markdown(table: pd.DataFrame) -> str:
             cells = [
                 r["dataset"],
                 r["method"],
-                r["model"],
+                f"{r['model']} ({r['model_options']})" if r["model_options"] else r["model"],
                 r["aw"],
                 reported,
                 reproduced_text(r),

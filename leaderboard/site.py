@@ -4,13 +4,18 @@ Pages (jinja2 templates in ``templates/``, autoescaped: every string from a run,
 config or a reported file is shown as text):
 
 * ``index.html``: the Classification / Detection / Segmentation tables, with filters
-  (dataset, model, method, A/W) and sortable columns in a few lines of inline JavaScript;
+  (dataset, model, method, A/W; kept in the query string, so a filtered view is a link to
+  share) and sortable columns in a few lines of inline JavaScript; a row's model shows its
+  options and its suite; beside it ``leaderboard.csv``, ``.json`` and ``.md`` (the CLI's
+  exports), linked from the page's header;
 * ``models/<dataset>--<model>.html``: the rows of one dataset and model, with Pareto
   plots of accuracy vs size and accuracy vs weight bits (SVG drawn here, at build time),
   and, where runs or papers give relative BOPs, accuracy vs relative BOPs (every run a
   point, one marker per method; the papers' points hollow);
 * ``runs/<run id>.html``: one run's resolved config, environment, training curves and
-  per-layer footprint (bits, bytes, MACs and BOPs of every layer, a chart of its bits);
+  per-layer footprint (bits, bytes, MACs and BOPs of every layer, a chart of its bits); its
+  checkpoint (a relative link into a local store, the SHA-256 of a bundled run) and how to
+  open it in MLflow (a link on a server, the ``mlflow ui`` command for a local store);
 * ``methods.html``: every registered method with its paper, link, comment and status.
 
 A Content-Security-Policy allows only the page's own script (by hash) and no network
@@ -24,20 +29,23 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from . import svg
-from .bundle import DEFAULT, load_bundle, merge
+from .bundle import CHECKPOINT, DEFAULT, load_bundle, merge
+from .export import to_csv, to_json, to_markdown
 from .methods_info import registered_methods
 from .reported import load_reported
 from .runs import Run, fetch_runs, public_uri, run_url
@@ -123,6 +131,12 @@ def safe_href(url: Any) -> str:
     return url if urlparse(url).scheme in ("http", "https") else ""
 
 
+def break_at_underscores(v: Any) -> Markup:
+    """Text that may wrap after each ``_`` (``campaign_<wbr>cifar10_<wbr>gpu``), so a long
+    suite or model name does not widen its column; it copies as the same text."""
+    return Markup("_<wbr>").join(escape(part) for part in str(v or "").split("_"))
+
+
 def slug(*parts: str) -> str:
     """A file name for arbitrary names: readable, safe and collision-free."""
     text = "--".join(parts)
@@ -147,6 +161,7 @@ def _env() -> Environment:
         bytes=fmt_bytes,
         sv=sort_value,
         href=safe_href,
+        wbr=break_at_underscores,
     )
     env.globals.update(finite=_finite, badges=BADGES, size_flags=SIZE_FLAGS, size_tolerance=SIZE_TOLERANCE_MB)
     return env
@@ -179,45 +194,57 @@ def _rows(df: pd.DataFrame, run_pages: dict[str, str], model_pages: dict[tuple[s
     return rows
 
 
+def _point_tags(rows: list[dict]) -> dict[int, str]:
+    """The label each row's points carry on a model page: method and A/W, with the model
+    options where the page holds several, and the suite where that still leaves two
+    configurations with one label (keyed by ``id(row)``)."""
+    several = len({r["model_options"] for r in rows}) > 1
+    tags = {
+        id(r): f"{r['method']} {r['aw']}" + (f" {r['model_options']}" if several and r["model_options"] else "")
+        for r in rows
+    }
+    configs: dict[str, set] = defaultdict(set)
+    for r in rows:
+        if r["n"] or r["run_ids"]:
+            configs[tags[id(r)]].add(r["group"])
+    for r in rows:
+        if len(configs[tags[id(r)]]) > 1 and r["suite"]:
+            tags[id(r)] += f" ({r['suite']})"
+    return tags
+
+
 def _pareto_plots(rows: list[dict], task: str) -> tuple[Markup, Markup]:
     metric = PRIMARY_METRIC[task]
     rows = [r for r in rows if r["metric"] == metric]
     label = rows[0]["metric_label"] if rows else "accuracy"
+    tags = _point_tags(rows)
     by_size: list[svg.Point] = []
     by_bits: list[svg.Point] = []
     seen_rep: set[tuple] = set()
     for r in rows:
-        name = f"{r['method']} {r['aw']}"
+        name, tag = f"{r['method']} {r['aw']}", tags[id(r)]
         size = r["size_mb"]
         if r["reproduced"] is not None:
             std = r["std"] if r["std"] is not None else math.nan
-            by_size.append(
-                svg.Point(
-                    size if size is not None else math.nan,
-                    r["reproduced"],
-                    name,
-                    r["method"],
-                    yerr=std,
-                )
-            )
+            x = size if size is not None else math.nan
+            by_size.append(svg.Point(x, r["reproduced"], tag, r["method"], yerr=std, tag=tag))
             if r["w_bits"] is not None:
-                by_bits.append(svg.Point(r["w_bits"], r["reproduced"], name, r["method"], yerr=std))
+                by_bits.append(svg.Point(r["w_bits"], r["reproduced"], tag, r["method"], yerr=std, tag=tag))
         key = (r["paper"], r["method"], r["aw"], r["variant"], r["reported"])
         if r["reported"] is not None and key not in seen_rep:
             seen_rep.add(key)
             rep_size = r["reported_size_mb"] if r["reported_size_mb"] is not None else size
-            by_size.append(
-                svg.Point(
-                    rep_size if rep_size is not None else math.nan,
-                    r["reported"],
-                    name,
-                    r["method"],
-                    hollow=True,
-                )
-            )
-            by_bits.append(svg.Point(r["w_bits"], r["reported"], name, r["method"], hollow=True))
-    size_plot = svg.scatter(by_size, f"{label} vs model size", "size (MB, log scale)", f"{label} (%)", "log10")
-    bits_plot = svg.scatter(by_bits, f"{label} vs weight bits", "weight bits (log scale)", f"{label} (%)", "log2")
+            x = rep_size if rep_size is not None else math.nan
+            tip = f"{name}, {r['paper'] or 'paper'}" + (f" ({r['variant']})" if r["variant"] else "")
+            by_size.append(svg.Point(x, r["reported"], tip, r["method"], hollow=True, tag=f"{name} (paper)"))
+            by_bits.append(svg.Point(r["w_bits"], r["reported"], tip, r["method"], hollow=True, tag=f"{name} (paper)"))
+    ylabel = f"{label} (%)"
+    size_plot = svg.scatter(
+        by_size, f"{label} vs model size", "size (MB, log scale)", ylabel, "log10", ybounds=svg.PERCENT
+    )
+    bits_plot = svg.scatter(
+        by_bits, f"{label} vs weight bits", "weight bits (log scale)", ylabel, "log2", ybounds=svg.PERCENT
+    )
     return size_plot, bits_plot
 
 
@@ -243,7 +270,8 @@ def _bops_plot(runs: list[Run], rows: list[dict], task: str) -> Markup | None:
             continue
         method = run.tag("method")
         aw = run.tag("notation") or f"{run.tag('a_bits')}/{run.tag('w_bits')}"
-        points.append(svg.Point(x, float(y), f"{method} {aw} seed {run.seed}", method))
+        tag = f"{method} {aw}"
+        points.append(svg.Point(x, float(y), f"{tag} seed {run.seed}", method, tag=tag))
     seen: set[tuple] = set()
     for r in rows:
         x = r.get("reported_rel_bops")
@@ -251,7 +279,8 @@ def _bops_plot(runs: list[Run], rows: list[dict], task: str) -> Markup | None:
         if r["metric"] != metric or r["reported"] is None or not _finite(x) or key in seen:
             continue
         seen.add(key)
-        points.append(svg.Point(float(x), r["reported"], f"{r['method']} {r['aw']}", r["method"], hollow=True))
+        name = f"{r['method']} {r['aw']}"
+        points.append(svg.Point(float(x), r["reported"], name, r["method"], hollow=True, tag=f"{name} (paper)"))
     if not points:
         return None
     label = next((r["metric_label"] for r in rows if r["metric"] == metric), "accuracy")
@@ -262,6 +291,8 @@ def _bops_plot(runs: list[Run], rows: list[dict], task: str) -> Markup | None:
         f"{label} (%)",
         "log10",
         shapes=True,
+        xbounds=svg.PERCENT,
+        ybounds=svg.PERCENT,
     )
 
 
@@ -279,11 +310,11 @@ def _curve_plots(run: Run) -> list[Markup]:
     }
     loss = {k: v for k, v in (("train", c.get("train_loss")), ("test", c.get("test_loss"))) if v}
     if acc:
-        plots.append(svg.line_chart(acc, "accuracy per epoch", "epoch", "top-1 (%)"))
+        plots.append(svg.line_chart(acc, "accuracy per epoch", "epoch", "top-1 (%)", ybounds=svg.PERCENT))
     if loss:
-        plots.append(svg.line_chart(loss, "loss per epoch", "epoch", "loss"))
+        plots.append(svg.line_chart(loss, "loss per epoch", "epoch", "loss", ybounds=svg.NON_NEGATIVE))
     if c.get("lr"):
-        plots.append(svg.line_chart({"lr": c["lr"]}, "learning rate", "epoch", "lr"))
+        plots.append(svg.line_chart({"lr": c["lr"]}, "learning rate", "epoch", "lr", ybounds=svg.NON_NEGATIVE))
     return plots
 
 
@@ -350,6 +381,53 @@ def _bits_value(v: Any) -> float | None:
     return float(v) if not isinstance(v, bool) and _finite(v) else None
 
 
+#: the exports written beside ``index.html`` (the same text as ``qbench leaderboard --format``)
+DOWNLOADS = (
+    ("CSV", "leaderboard.csv", to_csv),
+    ("JSON", "leaderboard.json", to_json),
+    ("Markdown", "leaderboard.md", to_markdown),
+)
+
+
+def _local_store(tracking_uri: str) -> bool:
+    """A store on this machine (a SQLite file or a folder), not a tracking server."""
+    return bool(tracking_uri) and urlparse(tracking_uri).scheme in ("", "file", "sqlite")
+
+
+def _checkpoints(tracking_uri: str, runs: list[Run]) -> dict[str, Path]:
+    """run id -> the checkpoint file of each run of a local store that keeps it inside its
+    own artifact folders (never a path the store points elsewhere)."""
+    store_runs = [r for r in runs if r.source == "store"]
+    if not store_runs or not _local_store(tracking_uri):
+        return {}
+    from mlflow.tracking import MlflowClient
+    from qbench.harness.transfer import confined_artifact
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = {}
+    for run in store_runs:
+        try:
+            path = confined_artifact(tracking_uri, client.get_run(run.run_id).info.artifact_uri, CHECKPOINT)
+        except Exception:  # a run the store no longer serves: the page says no checkpoint
+            continue
+        if path is not None:
+            found[run.run_id] = path
+    return found
+
+
+def _mlflow_info(tracking_uri: str, run: Run) -> dict:
+    """How to open a run in MLflow: a link on a tracking server; for a local store the
+    ``mlflow ui`` command and the run's address in it; a bundled run only has its id."""
+    info = {"url": None, "command": None, "ui_path": None}
+    if run.source != "store":
+        return info
+    info["url"] = run_url(tracking_uri, run)
+    if _local_store(tracking_uri):
+        info["command"] = f"mlflow ui --backend-store-uri {shlex.quote(public_uri(tracking_uri))}"
+        info["ui_path"] = f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    return info
+
+
 # -- build --------------------------------------------------------------------------------
 def render_site(
     table: pd.DataFrame,
@@ -396,6 +474,10 @@ def render_site(
         "reported": 0 if reported is None else len(reported),
     }
     models_nav = [{"dataset": d, "model": m, "page": p} for (d, m), p in model_pages.items()]
+    downloads = []
+    for label, name, export in DOWNLOADS:
+        (site_dir / name).write_text(export(table), encoding="utf-8")
+        downloads.append({"label": label, "file": name})
     (site_dir / "index.html").write_text(
         env.get_template("index.html.j2").render(
             **common,
@@ -404,6 +486,7 @@ def render_site(
             filters=filters,
             counts=counts,
             models_nav=models_nav,
+            downloads=downloads,
         ),
         encoding="utf-8",
     )
@@ -431,7 +514,9 @@ def render_site(
         )
 
     by_cell = {(r.experiment, r.cell_id): r for r in runs}
+    checkpoints = _checkpoints(tracking_uri, runs)
     for run in runs:
+        ckpt = checkpoints.get(run.run_id)
         parent = by_cell.get((run.experiment, run.tag("parent")))
         env_items, packages = _environment(run.artifacts.get("environment.json"))
         config = run.artifacts.get("config.json")
@@ -451,7 +536,9 @@ def render_site(
                 curves=_curve_plots(run),
                 metrics=sorted(run.metrics.items()),
                 tags=sorted(run.tags.items()),
-                mlflow_url=run_url(tracking_uri, run) if run.source == "store" else None,
+                mlflow=_mlflow_info(tracking_uri, run),
+                shown_uri=shown_uri,
+                checkpoint_href=quote(Path(os.path.relpath(ckpt, site_dir / "runs")).as_posix()) if ckpt else "",
                 models_nav=models_nav,
             ),
             encoding="utf-8",

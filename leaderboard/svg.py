@@ -1,6 +1,8 @@
 """Static SVG charts drawn at build time (no JavaScript, no CDN): line charts of training
-curves and scatter plots with their Pareto frontier. Every label is escaped here; the
-result is :class:`markupsafe.Markup`, ready to be placed in an autoescaped template."""
+curves and scatter plots with their Pareto frontier and a label beside each point. An axis
+pads around its data but stays within what the quantity can be (:data:`PERCENT`,
+:data:`NON_NEGATIVE`). Every label is escaped here; the result is
+:class:`markupsafe.Markup`, ready to be placed in an autoescaped template."""
 
 from __future__ import annotations
 
@@ -72,11 +74,23 @@ class Axis:
         return 0.5 if b == a else (self.f(v) - a) / (b - a)
 
 
-def _axis(values: list[float], scale: str, pad: float = 0.05) -> Axis:
+#: no bounds: the axis pads freely around its data
+UNBOUNDED = (-math.inf, math.inf)
+#: a percentage (accuracy, relative BOPs): its axis stays within [0, 100]
+PERCENT = (0.0, 100.0)
+#: a series that cannot be negative (a learning rate, a loss, a size)
+NON_NEGATIVE = (0.0, math.inf)
+
+
+def _axis(values: list[float], scale: str, pad: float = 0.05, bounds: tuple[float, float] = UNBOUNDED) -> Axis:
+    """An axis over ``values`` padded by ``pad`` of their span on each side, but never past
+    ``bounds`` (an accuracy axis does not run to 102 %, a learning rate's below 0); bounds
+    widen to cover the data itself should a value lie outside them."""
     vals = [v for v in values if math.isfinite(v) and (scale == "linear" or v > 0)]
     if not vals:
         return Axis(0.0, 1.0, "linear", nice_ticks(0, 1))
     lo, hi = min(vals), max(vals)
+    lo_b, hi_b = min(bounds[0], lo), max(bounds[1], hi)
     if scale == "log2":
         lo2, hi2 = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
         if hi2 == lo2:
@@ -85,23 +99,46 @@ def _axis(values: list[float], scale: str, pad: float = 0.05) -> Axis:
     if scale == "log10":
         lo10, hi10 = math.log10(lo), math.log10(hi)
         span = max(hi10 - lo10, 0.2)
-        lo10, hi10 = lo10 - span * pad, hi10 + span * pad
+        lo10 = max(lo10 - span * pad, math.log10(lo_b) if lo_b > 0 else -math.inf)
+        hi10 = min(hi10 + span * pad, math.log10(hi_b) if hi_b < math.inf else math.inf)
         ticks = [m * 10.0**k for k in range(math.floor(lo10), math.ceil(hi10) + 1) for m in (1, 2, 5)]
-        ticks = [t for t in ticks if lo10 <= math.log10(t) <= hi10]
+        ticks = [t for t in ticks if lo10 - 1e-12 <= math.log10(t) <= hi10 + 1e-12]
         return Axis(10**lo10, 10**hi10, scale, ticks)
     span = (hi - lo) or (abs(hi) or 1.0)
-    ticks = nice_ticks(lo - span * pad, hi + span * pad)
-    return Axis(ticks[0], ticks[-1], scale, ticks)
+    ticks = nice_ticks(max(lo - span * pad, lo_b), min(hi + span * pad, hi_b))
+    inside = [t for t in ticks if lo_b <= t <= hi_b]  # a round tick past a bound is dropped
+    a_lo, a_hi = max(ticks[0], lo_b), min(ticks[-1], hi_b)
+    return Axis(a_lo, a_hi, scale, inside if len(inside) >= 2 else [a_lo, a_hi])
+
+
+def _range(values: list[float]) -> str:
+    vals = [v for v in values if math.isfinite(v)]
+    return f"{min(vals)!r} {max(vals)!r}" if vals else ""
 
 
 class _Canvas:
-    def __init__(self, title: str, xlabel: str, ylabel: str, x: Axis, y: Axis, label: str):
+    """One chart's frame. The ``<svg>`` carries its axes' ranges (``data-x-axis``,
+    ``data-y-axis``: "lo hi") and its data's (``data-x-data``, ``data-y-data``: "min max"),
+    and each tick label its exact value (``data-v``), for a reader or a test to check."""
+
+    def __init__(
+        self,
+        title: str,
+        xlabel: str,
+        ylabel: str,
+        x: Axis,
+        y: Axis,
+        label: str,
+        xs: Sequence[float] = (),
+        ys: Sequence[float] = (),
+    ):
         self.x, self.y = x, y
         self.pw, self.ph = W - M_LEFT - M_RIGHT, H - M_TOP - M_BOTTOM
         self.parts: list[str] = [
             f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" viewBox="0 0 {W} {H}" '
-            f'width="{W}" '
-            f'height="{H}" role="img" aria-label="{escape(label)}">',
+            f'width="{W}" height="{H}" role="img" aria-label="{escape(label)}" '
+            f'data-x-axis="{x.lo!r} {x.hi!r}" data-y-axis="{y.lo!r} {y.hi!r}" '
+            f'data-x-data="{_range(list(xs))}" data-y-data="{_range(list(ys))}">',
             f'<text x="{W / 2}" y="18" text-anchor="middle" class="t">{escape(title)}</text>',
             f'<rect x="{M_LEFT}" y="{M_TOP}" width="{self.pw}" height="{self.ph}" class="plot"/>',
         ]
@@ -109,12 +146,16 @@ class _Canvas:
             px = self.px(t)
             self.parts.append(f'<line x1="{px:.1f}" y1="{M_TOP}" x2="{px:.1f}" y2="{M_TOP + self.ph}" class="g"/>')
             self.parts.append(
-                f'<text x="{px:.1f}" y="{M_TOP + self.ph + 14}" text-anchor="middle">{escape(_fmt(t))}</text>'
+                f'<text class="tx" data-v="{t!r}" x="{px:.1f}" y="{M_TOP + self.ph + 14}" text-anchor="middle">'
+                f"{escape(_fmt(t))}</text>"
             )
         for t in y.ticks:
             py = self.py(t)
             self.parts.append(f'<line x1="{M_LEFT}" y1="{py:.1f}" x2="{M_LEFT + self.pw}" y2="{py:.1f}" class="g"/>')
-            self.parts.append(f'<text x="{M_LEFT - 5}" y="{py + 4:.1f}" text-anchor="end">{escape(_fmt(t))}</text>')
+            self.parts.append(
+                f'<text class="ty" data-v="{t!r}" x="{M_LEFT - 5}" y="{py + 4:.1f}" text-anchor="end">'
+                f"{escape(_fmt(t))}</text>"
+            )
         self.parts.append(
             f'<text x="{M_LEFT + self.pw / 2}" y="{H - 8}" text-anchor="middle" class="l">{escape(xlabel)}</text>'
         )
@@ -144,8 +185,70 @@ class _Canvas:
                 f'<text x="{x + 8}" y="{y}" class="lg">{escape(short)}<title>{escape(label)}</title></text>'
             )
 
+    def point_labels(
+        self,
+        points: list[tuple[float, float, str, str]],
+        lines: Sequence[tuple[float, float, float, float]] = (),
+    ) -> None:
+        """A text label beside each (px, py, text, colour) point, in SVG coordinates: points
+        of one text within a few pixels of each other (the seeds of one configuration) share
+        a label; each label takes the first spot around its point that overlaps no other
+        label, no point and no line of ``lines`` (x0, y0, x1, y1: the frontier's segments) and
+        stays in the plot, else the spot that overlaps least, with a leader line when it sits
+        away from its point."""
+        clusters: list[tuple[float, float, str, str]] = []
+        for x, y, text, color in points:
+            if not any(t == text and abs(x - cx) < 14 and abs(y - cy) < 14 for cx, cy, t, _ in clusters):
+                clusters.append((x, y, text, color))
+        r = 5.5  # about a marker's half size
+        taken = [(x - r, y - r, x + r, y + r) for x, y, _, _ in points]
+        taken += [(min(x0, x1) - 1, min(y0, y1) - 1, max(x0, x1) + 1, max(y0, y1) + 1) for x0, y0, x1, y1 in lines]
+        area = (M_LEFT + 1, M_TOP + 1, M_LEFT + self.pw - 1, M_TOP + self.ph - 1)
+        for x, y, text, color in clusters:
+            w, h = LABEL_CHAR_W * len(text) + 2, LABEL_H
+            best, best_cost = None, math.inf
+            for dx, dy in _label_spots(w, h):
+                box = (x + dx, y + dy - h / 2, x + dx + w, y + dy + h / 2)
+                cost = sum(_overlap(box, t) for t in taken) + 4 * (w * h - _overlap(box, area))
+                if cost < best_cost:
+                    best, best_cost = box, cost
+                if cost == 0:
+                    break
+            assert best is not None
+            taken.append(best)
+            x0, y0, x1, y1 = best
+            if not (x0 - 8 <= x <= x1 + 8 and y0 - 8 <= y <= y1 + 8):  # far from its point: a leader
+                lx, ly = min(max(x, x0), x1), min(max(y, y0), y1)
+                self.parts.append(
+                    f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{lx:.1f}" y2="{ly:.1f}" stroke="{color}" '
+                    f'stroke-width="0.7" class="leader"/>'
+                )
+            self.parts.append(
+                f'<text x="{x0 + 1:.1f}" y="{y1 - 2.5:.1f}" class="pl" fill="{color}" '
+                f'data-tag="{escape(text)}">{escape(text)}</text>'
+            )
+
     def done(self) -> Markup:
         return Markup("".join(self.parts) + "</svg>")
+
+
+#: the size a point label is laid out with (10 px text; its width estimated per character)
+LABEL_CHAR_W, LABEL_H = 6.0, 12.0
+
+
+def _label_spots(w: float, h: float) -> list[tuple[float, float]]:
+    """Where a label of w x h may go, as (left, vertical centre) offsets from its point,
+    nearest first: right, left, above, below, the diagonals, then a row further out."""
+    near = [(8, 0), (-8 - w, 0), (-w / 2, -h), (-w / 2, h), (6, -h), (6, h), (-6 - w, -h), (-6 - w, h)]
+    far = [(dx * k, dy * k) for k in (2, 3) for dx, dy in ((8, 0), (6, -h), (6, h))]
+    far += [(-8 * k - w, dy * k) for k in (2, 3) for dy in (0, -h, h)]
+    far += [(-w / 2, dy * k) for k in (2, 3) for dy in (-h, h)]
+    return near + far
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """The area two (x0, y0, x1, y1) boxes share."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def empty_chart(title: str, message: str) -> Markup:
@@ -164,9 +267,11 @@ def line_chart(
     ylabel: str,
     ylog: bool = False,
     integer_x: bool = True,
+    ybounds: tuple[float, float] = UNBOUNDED,
 ) -> Markup:
     """One polyline (with point markers) per named series of (x, y) points; ``integer_x``:
-    the x axis counts something (epochs), so its ticks are whole numbers."""
+    the x axis counts something (epochs), so its ticks are whole numbers; ``ybounds``: what
+    the y axis may span at most (:data:`PERCENT`, :data:`NON_NEGATIVE`)."""
     series = {k: [(x, y) for x, y in v if math.isfinite(y) and (not ylog or y > 0)] for k, v in series.items()}
     series = {k: v for k, v in series.items() if v}
     if not series:
@@ -179,7 +284,8 @@ def line_chart(
         hi = max(hi, lo + 1)
         step = max(1, math.ceil((hi - lo) / 8))
         xaxis = Axis(lo, hi, "linear", list(range(lo, hi + 1, step)))
-    c = _Canvas(title, xlabel, ylabel, xaxis, _axis(ys, "log10" if ylog else "linear"), title)
+    yaxis = _axis(ys, "log10" if ylog else "linear", bounds=ybounds)
+    c = _Canvas(title, xlabel, ylabel, xaxis, yaxis, title, xs, ys)
     legend = []
     for i, (name, pts) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
@@ -242,10 +348,11 @@ def marker(shape: str, x: float, y: float, r: float, fill: str, stroke: str, att
 class Point:
     x: float
     y: float
-    label: str
+    label: str  # the tooltip
     group: str  # colour key (the method)
     hollow: bool = False  # reported (hollow) or reproduced (filled)
     yerr: float = math.nan
+    tag: str = ""  # the visible label beside the point (default: ``label``)
 
 
 def scatter(
@@ -256,21 +363,29 @@ def scatter(
     xscale: str = "log10",
     frontier: bool = True,
     shapes: bool = False,
+    xbounds: tuple[float, float] = UNBOUNDED,
+    ybounds: tuple[float, float] = UNBOUNDED,
 ) -> Markup:
     """A scatter plot with the Pareto frontier (lower x, higher y) of the filled points;
-    ``shapes``: each group gets a marker shape as well as a colour."""
+    ``shapes``: each group gets a marker shape as well as a colour; ``xbounds``/``ybounds``:
+    what each axis may span at most. Every point is labelled with its ``tag`` (points of one
+    tag drawn on top of each other share a label), placed where it collides with no other
+    label or point where the plot has room."""
     points = [p for p in points if math.isfinite(p.x) and math.isfinite(p.y) and (xscale == "linear" or p.x > 0)]
     if not points:
         return empty_chart(title, "no points to plot")
-    ys = (
-        [p.y for p in points]
-        + [p.y + p.yerr for p in points if math.isfinite(p.yerr)]
-        + [p.y - p.yerr for p in points if math.isfinite(p.yerr)]
-    )
-    c = _Canvas(title, xlabel, ylabel, _axis([p.x for p in points], xscale), _axis(ys, "linear"), title)
+    ys = [p.y for p in points]
+    errs = [p.y + p.yerr for p in points if math.isfinite(p.yerr)] + [
+        p.y - p.yerr for p in points if math.isfinite(p.yerr)
+    ]
+    # an error bar may not stretch the axis past its bounds (a mean of 99.9 +- 0.2 %)
+    yaxis = _axis(ys + [e for e in errs if ybounds[0] <= e <= ybounds[1]], "linear", bounds=ybounds)
+    xs = [p.x for p in points]
+    c = _Canvas(title, xlabel, ylabel, _axis(xs, xscale, bounds=xbounds), yaxis, title, xs, ys)
     groups = list(dict.fromkeys(p.group for p in points))
     colors = {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
     shape_of = {g: MARKERS[i % len(MARKERS)] if shapes else "circle" for i, g in enumerate(groups)}
+    segments: list[tuple[float, float, float, float]] = []
     if frontier:
         for hollow, dash in ((False, ""), (True, ' stroke-dasharray="4 3"')):
             front = pareto_front([(p.x, p.y) for p in points if p.hollow == hollow])
@@ -279,6 +394,8 @@ def scatter(
                 for (_, y0), (x1, y1) in zip(front, front[1:], strict=False):
                     steps += [(x1, y0), (x1, y1)]
                 path = " ".join(f"{c.px(x):.1f},{c.py(y):.1f}" for x, y in steps)
+                pairs = zip(steps, steps[1:], strict=False)
+                segments += [(c.px(a), c.py(b), c.px(u), c.py(v)) for (a, b), (u, v) in pairs]
                 kind = "reported" if hollow else "reproduced"
                 c.add(
                     f'<polyline points="{path}" fill="none" stroke="#555" stroke-width="1.2"{dash} '
@@ -288,16 +405,14 @@ def scatter(
         color = colors[p.group]
         x, y = c.px(p.x), c.py(p.y)
         if math.isfinite(p.yerr) and p.yerr > 0:
-            c.add(
-                f'<line x1="{x:.1f}" y1="{c.py(p.y - p.yerr):.1f}" x2="{x:.1f}" '
-                f'y2="{c.py(p.y + p.yerr):.1f}" '
-                f'stroke="{color}"/>'
-            )
+            lo, hi = max(p.y - p.yerr, c.y.lo), min(p.y + p.yerr, c.y.hi)  # clipped to the axis
+            c.add(f'<line x1="{x:.1f}" y1="{c.py(lo):.1f}" x2="{x:.1f}" y2="{c.py(hi):.1f}" stroke="{color}"/>')
         fill = "white" if p.hollow else color
         kind = "reported" if p.hollow else "reproduced"
         title = f"<title>{escape(p.label)} ({kind}): {escape(_fmt(p.y))} at {escape(_fmt(p.x))}</title>"
-        attrs = f'stroke-width="1.6" class="pt" data-kind="{kind}"'
+        attrs = f'stroke-width="1.6" class="pt" data-kind="{kind}" data-tag="{escape(p.tag or p.label)}"'
         c.add(marker(shape_of[p.group], x, y, 4.5, fill, color, attrs, title))
+    c.point_labels([(c.px(p.x), c.py(p.y), p.tag or p.label, colors[p.group]) for p in points], segments)
     legend = [(g, colors[g], False) for g in groups]
     if any(p.hollow for p in points):
         legend.append(("reported", "#555", True))

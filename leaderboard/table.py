@@ -1,8 +1,9 @@
 """The leaderboard table: reproduced runs joined with the papers' reported numbers.
 
 One row per (configuration, reported number): the seeds of one resolved configuration
-(everything but the seed) are one group, summarised as mean, standard deviation (ddof=1)
-and n over its finished seeds; a group meets every reported row of the same dataset,
+(everything but the seed, within one suite) are one group, summarised as mean, standard
+deviation (ddof=1) and n over its finished seeds (its ``suite`` and ``model_options`` tell
+two configurations of one model name apart); a group meets every reported row of the same dataset,
 model, method and W/A bits whose metric belongs to its task. A reported number with no
 run gets a row with an empty Reproduced; a group with no reported number gets a row with
 the badge ``no-reported``.
@@ -65,6 +66,7 @@ COLUMNS = [
     "dataset",
     "method",
     "model",
+    "model_options",
     "aw",
     "w_bits",
     "a_bits",
@@ -133,6 +135,14 @@ def run_task(run: Run) -> str:
     if "box_ap" in run.metrics or run.tag("dataset").lower().startswith("coco"):
         return "detection"
     return "classification"
+
+
+def model_options_text(run: Run) -> str:
+    """A run's model options as ``key=value`` pairs (``width=8``); empty for the model's
+    defaults. Two configurations of one model name are told apart by it on the site."""
+    prefix = "model_options."
+    pairs = sorted((k[len(prefix) :], v) for k, v in run.params.items() if k.startswith(prefix))
+    return ", ".join(f"{k}={v}" for k, v in pairs)
 
 
 def method_comments() -> dict[str, str]:
@@ -208,6 +218,7 @@ def _group_row(g: _Group, comments: dict[str, str]) -> dict:
         "dataset": r.tag("dataset"),
         "method": r.tag("method"),
         "model": r.tag("model"),
+        "model_options": model_options_text(r),
         "w_bits": r.bits("w"),
         "a_bits": r.bits("a"),
         "aw": aw_notation(r.bits("a"), r.bits("w"), r.tag("notation")),
@@ -260,6 +271,7 @@ def _runs_from(runs: list[Run]) -> str:
 
 def _empty_run_fields() -> dict:
     return {
+        "model_options": "",
         "size_mb": math.nan,
         "compression_ratio": math.nan,
         "bops": math.nan,
@@ -423,7 +435,7 @@ def build_table(runs: list[Run], reported: pd.DataFrame, comments: dict[str, str
         _a=-df["a_bits"].fillna(0).astype(float),
         _r=df["n"].eq(0).astype(int),
     ).sort_values(
-        ["_s", "dataset", "model", "_fp", "method", "_w", "_a", "_r", "paper", "variant"],
+        ["_s", "dataset", "model", "_fp", "method", "_w", "_a", "_r", "model_options", "suite", "paper", "variant"],
         kind="stable",
     )
     df = df.drop(columns=["_s", "_fp", "_w", "_a", "_r"]).reset_index(drop=True)

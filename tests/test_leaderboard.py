@@ -734,3 +734,91 @@ def test_other_images_than_the_papers_compare_drops_not_absolute_numbers(tmp_pat
         assert "drop +" not in index and "drop -0.90" in index and "ours: JPEG split; paper: original images" in index
     else:
         assert apot["delta_basis"] == "absolute" and apot["badge"] == "below" and apot["data_note"] == ""
+
+
+def test_model_options_and_suite_tell_configurations_of_one_model_apart(tmp_path):
+    """Rows merge only the seeds of one configuration; two configurations of one model name
+    (other model options, or the same options in another suite) are rows of their own that
+    show what tells them apart."""
+    s = Store(tmp_path)
+    w8, w16 = {"model_options.width": "8"}, {"model_options.width": "16"}
+    s.run("fp32", 32, 32, 0, 97.0, cell_id="w8-0", extra_params=w8)
+    s.run("fp32", 32, 32, 1, 98.0, cell_id="w8-1", extra_params=w8)
+    s.run("fp32", 32, 32, 0, 95.0, cell_id="w16-0", extra_params=w16)
+    s.run("fp32", 32, 32, 0, 96.0, suite="other", cell_id="w8-0", extra_params=w8)
+    runs = fetch_runs(s.uri, details=True)
+    t = build_table(runs, load_reported([]), comments={})
+    got = sorted(zip(t["suite"], t["model_options"], t["n"], t["reproduced"], strict=True))
+    assert got == [("other", "width=8", 1, 96.0), ("smoke", "width=16", 1, 95.0), ("smoke", "width=8", 2, 97.5)]
+    assert "| small_cnn (width=16) |" in to_markdown(t)
+    index = render_site(t, runs, tmp_path / "site", s.uri, reported=load_reported([]))
+    html = index.read_text()
+    assert html.count('<span class="opts" title="model options">(width=8)</span>') == 2
+    assert html.count('<span class="opts" title="model options">(width=16)</span>') == 1
+    assert sorted(re.findall(r'class="muted small suite"[^>]*>([^<]+)</div>', html)) == ["other", "smoke", "smoke"]
+    # the model page's points say which configuration each is, the suite where options do not
+    page = next((index.parent / "models").glob("*.html")).read_text()
+    tags = set(re.findall(r'class="pl" fill="[^"]+" data-tag="([^"]+)"', page))
+    assert tags == {"fp32 32/32 width=16", "fp32 32/32 width=8 (smoke)", "fp32 32/32 width=8 (other)"}
+
+
+def test_the_site_offers_the_exports_for_download(site, table):
+    index = (site / "index.html").read_text()
+    for name, export in (("leaderboard.csv", to_csv), ("leaderboard.json", to_json), ("leaderboard.md", to_markdown)):
+        assert f'href="{name}" download="{name}"' in index
+        assert (site / name).read_text(encoding="utf-8") == export(table)
+
+
+def _axis_range(chart: str, axis: str) -> tuple[float, float]:
+    lo, hi = re.search(rf'data-{axis}-axis="([^"]+)"', chart).group(1).split()
+    return float(lo), float(hi)
+
+
+def test_plot_axes_stay_within_what_the_quantity_can_be():
+    from qbench.leaderboard import svg
+
+    points = [svg.Point(1.0, 99.7, "a", "a", yerr=0.6), svg.Point(2.0, 97.0, "b", "b")]
+    chart = svg.scatter(points, "Top-1 vs size", "size", "Top-1 (%)", "log10", ybounds=svg.PERCENT)
+    lo, hi = _axis_range(chart, "y")
+    assert 90 <= lo <= 97.0 and hi == 100.0  # padded below, not past 100 % above
+    ticks = [float(v) for v in re.findall(r'class="ty" data-v="([^"]+)"', chart)]
+    assert ticks and max(ticks) <= 100 and min(ticks) >= lo
+    assert "102" not in re.findall(r'class="ty"[^>]*>([^<]+)<', chart)
+    free = svg.scatter(points, "Top-1 vs size", "size", "Top-1 (%)", "log10")
+    assert _axis_range(free, "y")[1] > 100  # what the bound is for: unbounded, the padding runs past 100
+
+    lr = {"lr": [(1, 0.05), (2, 0.025), (3, 0.0)]}  # a schedule that ends at 0
+    lo, hi = _axis_range(svg.line_chart(lr, "learning rate", "epoch", "lr", ybounds=svg.NON_NEGATIVE), "y")
+    assert lo == 0.0 and hi >= 0.05
+    assert _axis_range(svg.line_chart(lr, "learning rate", "epoch", "lr"), "y")[0] < 0
+
+
+def test_points_at_one_bit_width_carry_labels_that_do_not_collide():
+    from qbench.leaderboard import svg
+
+    # four methods at 4 bits within half a point of each other, and a reported number
+    points = [svg.Point(4, 90 + 0.15 * i, f"m{i} 4/4", f"m{i}") for i in range(4)]
+    points += [svg.Point(4, 90.2, "m0 4/4, paper", "m0", hollow=True, tag="m0 4/4 (paper)")]
+    points += [svg.Point(32, 92.0, "fp32 32/32", "fp32")]
+    chart = svg.scatter(points, "Top-1 vs weight bits", "bits", "Top-1 (%)", "log2", ybounds=svg.PERCENT)
+    labels = re.findall(r'<text x="([\d.]+)" y="([\d.]+)" class="pl"[^>]*>([^<]+)</text>', chart)
+    assert sorted(t for _, _, t in labels) == sorted(p.tag or p.label for p in points)
+    boxes = [(float(x), float(y) - svg.LABEL_H, float(x) + svg.LABEL_CHAR_W * len(t), float(y)) for x, y, t in labels]
+    for i, a in enumerate(boxes):
+        assert svg.M_LEFT <= a[0] and a[2] <= svg.W - svg.M_RIGHT, labels[i]  # inside the plot
+        assert all(svg._overlap(a, b) == 0 for b in boxes[i + 1 :]), labels
+
+
+def test_run_page_links_its_checkpoint_and_says_how_to_open_its_mlflow_run(tmp_path):
+    s = Store(tmp_path / "store")
+    rid = s.run("fp32", 32, 32, 0, 97.0)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "model.pt"
+        p.write_bytes(b"the weights")
+        s.client.log_artifact(rid, str(p), "checkpoint")
+    index = build_site(s.uri, tmp_path / "out", bundle=None)
+    page = next((index.parent / "runs").glob("*.html")).read_text()
+    href = re.search(r'<a href="([^"]+)" class="checkpoint-link"', page).group(1)
+    assert not href.startswith("/") and (index.parent / "runs" / href).resolve().read_bytes() == b"the weights"
+    assert f"mlflow ui --backend-store-uri {s.uri}" in page
+    assert f"http://127.0.0.1:5000/#/experiments/{s.exps['smoke']}/runs/{rid}" in page

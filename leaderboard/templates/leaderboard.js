@@ -31,7 +31,29 @@
     target.addEventListener("click", function () { sortBy(th); });
   });
 
+  // The filters live in the query string (index.html?method=lsq&aw=2%2F2): a filtered view
+  // is a link to share, and opening it restores the filters.
   var selects = document.querySelectorAll("select[data-filter]");
+  function hasOption(select, value) {
+    return Array.prototype.some.call(select.options, function (o) { return o.value === value; });
+  }
+  function readUrl() {
+    var params = new URLSearchParams(window.location.search);
+    selects.forEach(function (s) {
+      var v = params.get(s.getAttribute("data-filter"));
+      s.value = v !== null && hasOption(s, v) ? v : "";
+    });
+  }
+  function writeUrl() {
+    var params = new URLSearchParams(window.location.search);
+    selects.forEach(function (s) {
+      var key = s.getAttribute("data-filter");
+      if (s.value !== "") params.set(key, s.value); else params.delete(key);
+    });
+    var query = params.toString();
+    var url = window.location.pathname + (query ? "?" + query : "") + window.location.hash;
+    try { history.replaceState(null, "", url); } catch (e) { /* a browser that refuses: filters still work */ }
+  }
   function applyFilters() {
     var wanted = {};
     selects.forEach(function (s) { if (s.value !== "") wanted[s.getAttribute("data-filter")] = s.value; });
@@ -51,11 +73,12 @@
     var count = document.getElementById("count");
     if (count) count.textContent = shown + " of " + total + " rows shown";
   }
-  selects.forEach(function (s) { s.addEventListener("change", applyFilters); });
+  function changed() { applyFilters(); writeUrl(); }
+  selects.forEach(function (s) { s.addEventListener("change", changed); });
   var reset = document.getElementById("reset");
   if (reset) reset.addEventListener("click", function () {
     selects.forEach(function (s) { s.value = ""; });
-    applyFilters();
+    changed();
   });
-  if (selects.length) applyFilters();
+  if (selects.length) { readUrl(); applyFilters(); }
 })();
