@@ -108,12 +108,18 @@ def _time_step(cell: Cell, data, device: torch.device) -> float:
     return sorted(times[2:])[1]
 
 
+def classification_cells(cells: list[Cell]) -> list[Cell]:
+    """The cells that classify: detection cells (``task``) are not timed or estimated here."""
+    return [c for c in cells if getattr(c, "task", "classification") == "classification"]
+
+
 def estimate(cells: list[Cell], data_root: str | None, device: str, report=None) -> dict[str, Estimate]:
     """Per cell id, the estimated time of ``cells`` on ``device``: their data are loaded
     (a missing dataset is a QbenchError naming what to put where) and one step of each
     distinct configuration is timed."""
     from .data import load_dataset
 
+    cells = classification_cells(cells)
     dev = torch.device(device)
     if dev.type == "cpu":
         cpu_threads()  # time on the threads the cells will run on
@@ -146,6 +152,7 @@ def cpu_warning(cells: list[Cell], data_root: str | None) -> str | None:
     (timed only when they pass over more than a few million images in all)."""
     from .data import load_dataset
 
+    cells = classification_cells(cells)
     passes = 0
     sizes: dict[tuple, int] = {}
     for c in cells:

@@ -314,6 +314,10 @@ def record(tracker: Tracker, run_id: str, metrics: dict, fp, model: torch.nn.Mod
 
 
 def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> dict:
+    if getattr(cell, "task", "classification") != "classification":  # detection / instance segmentation
+        from .detect import execute
+
+        return execute(cell, ctx, tracker, runs, run_id, report)
     t0 = time.perf_counter()
     b = build(cell, ctx, tracker, runs, run_id, report)
     before = b.trainer.elapsed_before()  # training time of earlier, killed attempts

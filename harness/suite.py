@@ -141,6 +141,8 @@ class Baseline(BaseModel):
 
 class Experiment(BaseModel):
     model_config = _STRICT
+    #: classification (the default), or detection / instance segmentation (see harness.detect)
+    task: Literal["classification", "detection", "instance_segmentation"] = "classification"
     dataset: str | list[str]
     model: str | list[str]
     dataset_options: dict[str, Any] = {}
@@ -195,6 +197,8 @@ class Cell:
     #: the seed-independent configuration: cells that differ only in their seed (and their
     #: parents' seeds) share it; the leaderboard averages over a group
     group: str = ""
+    #: classification, detection or instance_segmentation (part of the identity unless classification)
+    task: str = "classification"
 
     def identity(self) -> dict:
         """Everything that determines the result (not the suite name or comments): the
@@ -213,6 +217,8 @@ class Cell:
             "seed": self.seed,
             "recipe": self.recipe,
             "parent": self.parent,
+            # classification cells keep the ids they had before tasks existed
+            **({"task": self.task} if self.task != "classification" else {}),
         }
 
     @property
@@ -788,6 +794,34 @@ def _check_factory_options(
             _check_value_type(sig.params[key], value, where(key))
 
 
+def _check_detection(
+    task: str,
+    datasets: list[str],
+    models: list[str],
+    dopts: dict,
+    mopts: dict,
+    dwhere: Callable[[str], str],
+    mwhere: Callable[[str], str],
+    ew: str,
+) -> None:
+    """A detection experiment's names (detection registries) and options (their factories)."""
+    from .data.detection import DETECTION_DATASETS
+    from .data.digit_scenes import SceneConfig
+    from .models.detection import DETECTORS, detector_options, predicts_masks
+
+    scene_options = set(SceneConfig.__dataclass_fields__)
+    for d in datasets:
+        fn = DETECTION_DATASETS.get(d, f"{ew}.dataset")
+        _check_factory_options("dataset", d, fn, dopts, dwhere, _DATASET_SET, scene_options)
+    for m in models:
+        fn = DETECTORS.get(m, f"{ew}.model")
+        if task == "instance_segmentation" and not predicts_masks(m):
+            raise QbenchError(
+                f"task instance_segmentation needs a model that predicts masks (maskrcnn_*), not {m!r}", f"{ew}.model"
+            )
+        _check_factory_options("model", m, fn, mopts, mwhere, {"num_classes": "the dataset"}, detector_options(m))
+
+
 def _dataset_option_names(datasets) -> set[str]:
     names: set[str] = set()
     for _, fn in datasets.items():
@@ -924,9 +958,10 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
         _recipe(exp.baseline.recipe, f"{ew}.baseline.recipe")
         datasets = _names(exp.dataset, "dataset", f"{ew}.dataset")
         models = _names(exp.model, "model", f"{ew}.model")
-        for d in datasets:
+        classify = exp.task == "classification"  # detection names live in their own registries
+        for d in datasets if classify else ():
             DATASETS.get(d, f"{ew}.dataset")
-        for m in models:
+        for m in models if classify else ():
             MODELS.get(m, f"{ew}.model")
 
         def origin(kind: str, k: str, exp: Experiment = exp, ew: str = ew) -> str:
@@ -945,19 +980,21 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
         _check_storable("model_options", mopts, mwhere)
         dopts = _check_files(dopts, base, f"{ew}.dataset_options")
         mopts = _check_files(mopts, base, f"{ew}.model_options")
-        for d in datasets:
+        for d in datasets if classify else ():
             fn = DATASETS.get(d)
             if dataset_option_names is None:
                 dataset_option_names = _dataset_option_names(DATASETS)
             _check_factory_options("dataset", d, fn, dopts, dwhere, _DATASET_SET, dataset_option_names)
-        for m in models:
+        for m in models if classify else ():
             _check_factory_options("model", m, MODELS.get(m), mopts, mwhere, _MODEL_SET)
+        if not classify:
+            _check_detection(exp.task, datasets, models, dopts, mopts, dwhere, mwhere, ew)
         weights = mopts.get("weights")
         if isinstance(weights, str) and weights and is_path(weights) and weights not in weights_read:
             read_state_dict(weights, mwhere("weights"))  # a checkpoint safe_load reads, holding a state dict
             weights_read.add(weights)
         for d in datasets:
-            shape = dataset_shape(d, dopts)
+            shape = dataset_shape(d, dopts) if classify else None
             for m in models:
                 key = json.dumps([m, mopts, shape], sort_keys=True, default=str)
                 if shape is not None and key not in builds:
@@ -998,6 +1035,7 @@ def expand(spec: SuiteFile, path: Path) -> list[Cell]:
                     dataset_options=dopts,
                     model_options=mopts,
                     tolerance=spec.tolerance,
+                    task=exp.task,
                 )
 
                 baselines = {s: add(_baseline(spec, exp, base_opts, fp32.version, s, common)) for s in seeds}

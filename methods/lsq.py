@@ -69,6 +69,8 @@ class LSQQuantizer(Quantizer):
         self._grid_cache = None
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if v.numel() == 0:  # an empty batch (a detector's mask head with no detections): nothing to quantize
+            return v
         if self.should_observe() and not self.is_initialized():
             self._init(v)
         qn, qp = self._grid()

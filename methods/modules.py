@@ -171,18 +171,19 @@ def quantize_model(
     rest, ``"fp_weights"`` keeps both layers' weights and the first layer's input (the
     image) in full precision but quantizes the last layer's input like every other
     activation (DoReFa-Net's official code). ``skip(name, module)`` leaves a layer
-    untouched (full precision).
+    untouched (full precision), as does a model's ``qbench_quantize_only`` for every layer
+    outside the part it names (:func:`~qbench.methods.layers.quantizable`).
     """
     if first_last not in FIRST_LAST_POLICIES:
         raise ValueError(f"first_last must be one of {FIRST_LAST_POLICIES}, got {first_last!r}")
-    from .layers import first_last_layers
+    from .layers import first_last_layers, quantizable
 
     first, last = first_last_names or first_last_layers(model)
     ends = {first, last}
     targets = [
         (n, m)
         for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYERS)
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYERS) and quantizable(model, n)
     ]
     for name, module in targets:
         if skip is not None and skip(name, module):
