@@ -177,11 +177,29 @@ def _status(rec) -> str:
     help="Comma-separated devices (cpu, cuda:0, ...); default: every visible GPU, else the CPU.",
 )
 @click.option("--no-leaderboard", is_flag=True, help="Do not rebuild the leaderboard site at the end.")
-def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderboard) -> None:
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "dask", "slurm", "pbs"]),
+    default="local",
+    show_default=True,
+    help="Where cells run: this machine; a Dask cluster (--scheduler, else one started here); "
+    "Slurm or PBS jobs (dask-jobqueue).",
+)
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (tcp://host:8786).")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Workers to start: CPU worker processes (--executor dask) or jobs (slurm, pbs).",
+)
+def run(
+    suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderboard, executor, scheduler, workers
+) -> None:
     """Run SUITE (default: suites/smoke.yaml, the embedded digits suite)."""
     from .plan import check_devices, cpu_warning, estimate, human
     from .suite import load_suite
 
+    make_executor = _executor(executor, scheduler, workers, devices)
     ctx = _ctx(out, tracking_uri, data_root, force)
     s = load_suite(suite or DEFAULT_SUITE)  # validates everything before anything runs
     device_list = check_devices(devices.split(",")) if devices else None
@@ -207,15 +225,20 @@ def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderb
         warning = cpu_warning(pending, data_root)
         if warning:
             click.echo(f"qbench: warning: {warning}", err=True)
-    from .executor import LocalExecutor
     from .progress import Reporter
     from .report import print_results
 
     writable_folder(ctx.out_dir)
+    if executor != "local" and not ctx.tracking_uri.startswith(("http://", "https://")):
+        click.echo(
+            f"qbench: note: the workers write to {ctx.tracking_uri}; on several machines, start "
+            "'qbench server' and pass --tracking-uri http://...",
+            err=True,
+        )
     with out_lock(ctx.out_dir):
         reporter = Reporter(len(s.cells))
         try:
-            results = LocalExecutor(device_list).run(s.cells, ctx, reporter)
+            results = make_executor(device_list).run(s.cells, ctx, reporter)
         finally:
             reporter.close()
     print_results(s, results)
@@ -231,6 +254,34 @@ def run(suite, out, tracking_uri, data_root, dry_run, force, devices, no_leaderb
         for r in failed:
             click.echo(f"  {r.label}: {r.error}", err=True)
         sys.exit(1)
+
+
+def _executor(kind: str, scheduler: str | None, workers: int | None, devices: str | None):
+    """Check the executor options together; returns ``devices -> Executor`` (nothing starts yet)."""
+    if scheduler and kind != "dask":
+        raise QbenchError("--scheduler needs --executor dask", "--scheduler")
+    if kind == "local":
+        if workers:
+            raise QbenchError(
+                "--workers is for --executor dask, slurm or pbs (the local executor uses --device)", "--workers"
+            )
+        from .executor import LocalExecutor
+
+        return LocalExecutor
+    if devices:
+        raise QbenchError(
+            f"--device is for the local executor; --executor {kind} runs one cell per worker "
+            "(pin a worker's GPU with CUDA_VISIBLE_DEVICES)",
+            "--device",
+        )
+    if scheduler and workers:
+        raise QbenchError("--workers starts a cluster here: leave it out with --scheduler", "--workers")
+    if scheduler and not scheduler.startswith(("tcp://", "tls://", "ws://", "wss://", "inproc://", "ucx://")):
+        scheduler = "tcp://" + scheduler
+    from .dask_executor import DaskExecutor
+
+    DaskExecutor.check(kind)  # dask / dask-jobqueue installed, before anything runs
+    return lambda _devices: DaskExecutor(scheduler, "local" if kind == "dask" else kind, workers)
 
 
 @cli.command()
@@ -303,6 +354,47 @@ def import_cmd(source, out, tracking_uri, bundle) -> None:
             f"qbench: warning: skipped {len(outside)} artifacts outside the store: {'; '.join(outside[:5])}{more}",
             err=True,
         )
+
+
+@cli.command()
+@click.option(
+    "--host",
+    default="0.0.0.0",
+    show_default=True,
+    help="Interface to listen on (0.0.0.0: every machine that reaches this one; 127.0.0.1: this one only).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option(
+    "--backend-store-uri",
+    default="sqlite:///qbench-server/mlflow.db",
+    show_default=True,
+    help="Where runs are stored: an SQLAlchemy URI (sqlite:///..., postgresql://...) or an .db file path.",
+)
+@click.option(
+    "--artifacts-destination",
+    default="qbench-server/mlartifacts",
+    show_default=True,
+    help="Where the server keeps the runs' artifacts (checkpoints, JSON): a folder or an s3://... URI.",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True, help="Server processes.")
+@click.option(
+    "--allowed-hosts",
+    default=None,
+    help="Host names clients may use in their URI (default: localhost, private IPs and this machine's names).",
+)
+def server(host, port, backend_store_uri, artifacts_destination, workers, allowed_hosts) -> None:
+    """Start an MLflow tracking server that every worker of a cluster can write to.
+
+    A thin wrapper over "mlflow server" that proxies artifacts (workers need no shared
+    artifact folder); prints the --tracking-uri to pass to "qbench run"."""
+    from .server import server_command
+
+    argv, uri = server_command(host, port, backend_store_uri, artifacts_destination, workers, allowed_hosts)
+    click.echo(f"MLflow server: use --tracking-uri {uri}", err=False)
+    click.echo("  (no authentication: anyone who reaches this port can read and write runs)", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)  # the server replaces this process: signals reach it directly
 
 
 # --- commands from other modules are added here (one line each) -----------------------

@@ -4,13 +4,14 @@ An :class:`Executor` takes the plan (cells, parents first) and returns one
 :class:`CellResult` per cell, never raising for a failing cell. A child whose parent
 failed is recorded as failed without running. :class:`LocalExecutor` runs on this
 machine: in this process on the CPU or a single GPU, or one worker process per visible
-GPU.
+GPU. :mod:`qbench.harness.dask_executor` runs them on a Dask cluster.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import signal
 from abc import ABC, abstractmethod
 
 import torch
@@ -28,6 +29,7 @@ class Executor(ABC):
 
 
 def _blocked(cell: Cell, results: dict[str, CellResult]) -> CellResult | None:
+    """The failed result of ``cell`` when its parent failed (nothing runs), else None."""
     if cell.parent and cell.parent in results and results[cell.parent].status == "failed":
         return CellResult(cell.id, cell.label, "failed", error=f"parent cell {cell.parent} failed")
     return None
@@ -110,10 +112,17 @@ class LocalExecutor(Executor):
 
 
 def _worker(cell: Cell, ctx: RunContext, device: str, events) -> None:
+    # SIGTERM (the parent ending, a scheduler's preemption) ends the cell like Ctrl-C: the
+    # run is marked KILLED and the next run resumes it from the last epoch checkpoint
+    signal.signal(signal.SIGTERM, _interrupted)
     ctx.device = device
     torch.cuda.set_device(torch.device(device))
     res = run_cell(cell, ctx, None, lambda kind, **kw: events.put((kind, kw)))
     events.put(("result", res))
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _summary(res: CellResult) -> str:

@@ -1,7 +1,9 @@
 """MLflow, the system of record: experiment = suite, run = cell.
 
 Default store: a SQLite database in the output folder (``sqlite:///<out>/mlflow.db``,
-artifacts in ``<out>/mlartifacts``); ``--tracking-uri`` points at a team's server.
+artifacts in ``<out>/mlartifacts``); ``--tracking-uri`` points at a team's server
+(``qbench server``), which then keeps the artifacts too, so that every worker of a cluster
+reaches them.
 Browse with ``mlflow ui --backend-store-uri sqlite:///qbench-out/mlflow.db``.
 
 Schema (the constants below; :mod:`qbench.leaderboard.runs` reads them from here): tags
@@ -201,7 +203,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.artifact_root = artifact_root
+        # a server keeps the artifacts itself (``qbench server`` proxies them): a folder of
+        # this machine would be a path no other worker can write
+        self.artifact_root = None if uri.startswith(("http://", "https://")) else artifact_root
         # A broken sqlite store: MLflow would silently replace a 0-byte file with a new,
         # empty store (and every cell would train again) and fail on a damaged one with a
         # traceback. Say what is wrong before MLflow opens it, and change nothing.
@@ -261,7 +265,13 @@ class Tracker:
                 raise RuntimeError(f"artifact folder {folder} of experiment {suite!r} is not inside {root}")
             root.mkdir(parents=True, exist_ok=True)
             loc = folder.as_uri()
-        return self.client.create_experiment(suite, artifact_location=loc)
+        try:
+            return self.client.create_experiment(suite, artifact_location=loc)
+        except Exception:  # another worker created it a moment ago
+            exp = self.client.get_experiment_by_name(suite)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def runs(self) -> dict[str, RunRecord]:
         """The newest run of every cell in the store (all experiments), keyed by cell id."""
@@ -356,8 +366,10 @@ class Tracker:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, v)
+        from mlflow.entities import RunTag
+
+        if tags:  # one request, not one per tag (a server far away, many workers)
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def finish(self, run_id: str, status: str, error: str = "") -> None:
         """End a run: ``done`` (FINISHED), ``failed`` (FAILED) or ``killed`` (KILLED: the
