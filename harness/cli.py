@@ -296,13 +296,17 @@ def show(suite, out, tracking_uri) -> None:
     s = load_suite(suite)
     status = _statuses(s, ctx)
     click.echo(f"suite {s.name}: {len(s.cells)} cells")
-    click.echo(f"  {'cell id':16s}  {'status':8s} {'dataset':10s} {'model':16s} {'method':10s} {'bits':6s} seed  top-1")
+    from .report import TASK_METRIC
+
+    head = f"{'cell id':16s}  {'status':8s} {'dataset':10s} {'model':16s} {'method':10s} {'bits':6s} seed  result"
+    click.echo("  " + head)
     for c in s.cells:
         rec = status.get(c.id)
         st = _status(rec)
-        top1 = f"{rec.metrics['top1']:.2f}" if rec and "top1" in rec.metrics else ""
+        key, label = TASK_METRIC.get(c.task, TASK_METRIC["classification"])
+        value = f"{label} {rec.metrics[key]:.2f}" if rec and key in rec.metrics else ""
         click.echo(
-            f"  {c.id:16s}  {st:8s} {c.dataset:10s} {c.model:16s} {c.method:10s} {c.bits_label:6s} {c.seed:4d}  {top1}"
+            f"  {c.id:16s}  {st:8s} {c.dataset:10s} {c.model:16s} {c.method:10s} {c.bits_label:6s} {c.seed:4d}  {value}"
         )
 
 

@@ -509,6 +509,7 @@ def render_site(
                 bits_plot=bits_plot,
                 bops_plot=bops_plot,
                 models_nav=models_nav,
+                other_data=sorted({r["data_note"] for r in mrows if r.get("data_note")}),
             ),
             encoding="utf-8",
         )

@@ -732,8 +732,15 @@ def test_other_images_than_the_papers_compare_drops_not_absolute_numbers(tmp_pat
         render_site(table, fetch_runs(s.uri), site, s.uri, reported=None)
         index = (site / "index.html").read_text()
         assert "drop +" not in index and "drop -0.90" in index and "ours: JPEG split; paper: original images" in index
+        (page,) = (site / "models").glob("cifar10--resnet20-*.html")
+        # the plots set paper points beside ours: the page says they are not the same data
+        assert "Not the same data:</strong> ours: JPEG split; paper: original images" in page.read_text()
     else:
         assert apot["delta_basis"] == "absolute" and apot["badge"] == "below" and apot["data_note"] == ""
+        site = tmp_path / "site"
+        render_site(table, fetch_runs(s.uri), site, s.uri, reported=None)
+        (page,) = (site / "models").glob("cifar10--resnet20-*.html")
+        assert "Not the same data" not in page.read_text()
 
 
 def test_model_options_and_suite_tell_configurations_of_one_model_apart(tmp_path):
