@@ -34,7 +34,7 @@ from torch import nn
 from .data.detection import DetectionBundle, load_detection_dataset
 from .detection_metrics import coco_metrics, finite
 from .errors import QbenchError
-from .fit import CellState, cpu_state
+from .fit import CellState, elapsed_before, restore_stage, save_stage
 from .models.detection import create_detector, predicts_masks
 from .train import default_param_groups, make_optimizer, make_scheduler, seed_everything
 
@@ -80,16 +80,10 @@ def train_detector(
     opt = make_optimizer(groups, r)
     steps = max(1, len(data.train) // r.batch_size)
     sched = make_scheduler(opt, r, steps)
-    history: list[float] = []
-    elapsed = 0.0
-    saved = state.load(STAGE) if state is not None else None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        history, elapsed = list(saved["history"]), float(saved["elapsed"])
+    # the per-epoch losses and the seconds spent, what the checkpoint keeps as its history
+    saved = restore_stage(state, STAGE, model, opt, sched, generator) if state is not None else None
+    progress = saved or {"losses": [], "elapsed": 0.0}
+    history: list[float] = progress["losses"]
     step = len(history) * steps
     report("cell_epochs", total=r.epochs, done=len(history))
     for epoch in range(len(history) + 1, r.epochs + 1):
@@ -116,20 +110,9 @@ def train_detector(
         history.append(mean)
         logged = {"train_loss": mean, "lr": opt.param_groups[0]["lr"], "epoch_time_s": time.perf_counter() - e0}
         log(logged, step=epoch)
-        elapsed += time.perf_counter() - e0
+        progress["elapsed"] += time.perf_counter() - e0
         if state is not None:
-            state.save(
-                STAGE,
-                {
-                    "model": cpu_state(model),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "elapsed": elapsed,
-                },
-            )
+            save_stage(state, STAGE, model, opt, sched, generator, progress)
         report("epoch", epoch=epoch, total=r.epochs, metrics=logged)
     return history
 
@@ -149,7 +132,7 @@ def evaluate_detector(model: nn.Module, data: DetectionBundle, r: Recipe, device
 
 def build(cell, ctx, tracker, runs, run_id):
     """Data, prepared model, method, its context and the training generator of ``cell``."""
-    from .runner import parent_state, tag_notation
+    from .runner import parent_state, prepare_from_parent, tag_notation
     from .tracking import DATA_FINGERPRINT
 
     r = cell.typed_recipe
@@ -182,11 +165,7 @@ def build(cell, ctx, tracker, runs, run_id):
         seed=cell.seed,
         cell_id=cell.id,
     )
-    model = method.prepare(model, mctx)
-    progressive = parent is not None and not from_fp
-    if progressive:
-        method.load_parent(model, parent, cell.parent_method)
-    model.to(device)
+    model, progressive = prepare_from_parent(cell, model, method, mctx, parent)
     return data, model, method, mctx, generator, progressive
 
 
@@ -200,8 +179,7 @@ def execute(cell, ctx, tracker, runs: dict, run_id: str, report) -> dict:
     data, model, method, mctx, generator, progressive = build(cell, ctx, tracker, runs, run_id)
     r = mctx.recipe
     state = CellState(ctx.cell_dir(cell.id))
-    saved = state.load(STAGE)
-    before = float(saved["elapsed"]) if saved is not None else 0.0  # earlier, killed attempts
+    before = elapsed_before(state)  # training time of earlier, killed attempts
     if not progressive:
         method.calibrate(model, mctx)  # a resumed cell's checkpoint then replaces what it set
     if r.train:

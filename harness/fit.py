@@ -71,6 +71,45 @@ def cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def save_stage(state: CellState, key: str, model: nn.Module, opt, sched, generator: torch.Generator, history) -> None:
+    """Checkpoint one training stage after an epoch: model, optimizer, schedule, random-number
+    state and ``history`` (whose ``elapsed`` seconds :func:`elapsed_before` sums)."""
+    state.save(
+        key,
+        {
+            "model": cpu_state(model),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        },
+    )
+
+
+def restore_stage(state: CellState, key: str, model: nn.Module, opt, sched, generator: torch.Generator):
+    """Load the stage ``key`` saved by :func:`save_stage` into the objects given; returns its
+    history, or None when nothing was saved."""
+    saved = state.load(key)
+    if saved is None:
+        return None
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    generator.set_state(saved["generator"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["history"]
+
+
+def elapsed_before(state: CellState) -> float:
+    """Seconds of training that earlier, killed attempts of a cell spent (all its stages)."""
+    total = 0.0
+    for p in sorted(state.folder.glob("stage_*.pt")) if state.folder.is_dir() else []:
+        saved = state.load(p.stem)
+        total += float(saved["history"].get("elapsed", 0.0)) if saved else 0.0
+    return total
+
+
 @dataclass
 class Trainer:
     """What :meth:`fit` needs from the cell; built by the runner, offered as ``ctx.fit``."""
@@ -119,14 +158,9 @@ class Trainer:
             "test_at_best_val": None,
             "elapsed": 0.0,
         }
-        saved = self.state.load(key)
+        saved = restore_stage(self.state, key, model, opt, sched, self.generator)
         if saved is not None:
-            model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            self.generator.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])
-            history.update(saved["history"])
+            history.update(saved)
         self.histories[stage] = history
         start = int(history["epoch"])
         if start >= epochs:
@@ -155,24 +189,10 @@ class Trainer:
             self.log({prefix + k: v for k, v in logged.items()}, epoch + 1)
             history["elapsed"] += time.perf_counter() - e0
             history["epoch"] = epoch + 1
-            self.state.save(
-                key,
-                {
-                    "model": cpu_state(model),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "generator": self.generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                },
-            )
+            save_stage(self.state, key, model, opt, sched, self.generator, history)
             self.report("epoch", epoch=epoch + 1, total=epochs, metrics=logged)
         return history
 
     def elapsed_before(self) -> float:
         """Seconds of training that earlier, killed attempts of this cell spent."""
-        total = 0.0
-        for p in sorted(self.state.folder.glob("stage_*.pt")) if self.state.folder.is_dir() else []:
-            saved = self.state.load(p.stem)
-            total += float(saved["history"].get("elapsed", 0.0)) if saved else 0.0
-        return total
+        return elapsed_before(self.state)

@@ -247,14 +247,21 @@ def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str
         seed=cell.seed,
         cell_id=cell.id,
     )
-    model = method.prepare(model, mctx)
-    progressive = parent is not None and not from_fp
-    if progressive:
-        method.load_parent(model, parent, cell.parent_method)
-    model.to(device)
+    model, progressive = prepare_from_parent(cell, model, method, mctx, parent)
     if device.type == "cuda" and r.channels_last:
         model.to(memory_format=torch.channels_last)
     return Built(data, model, method, mctx, trainer, progressive)
+
+
+def prepare_from_parent(cell: Cell, model, method: Method, mctx: MethodContext, parent: dict | None):
+    """``method.prepare`` the model, then load a quantized parent's state into it (a
+    progressive chain; a full-precision parent's weights went in before prepare), on the
+    cell's device. Returns (model, whether the parent was progressive)."""
+    model = method.prepare(model, mctx)
+    progressive = parent is not None and cell.parent_method != "fp32"
+    if progressive:
+        method.load_parent(model, parent, cell.parent_method)
+    return model.to(mctx.device), progressive
 
 
 def fit_cell(b: Built) -> dict:

@@ -30,13 +30,13 @@ def repo() -> Path:
     return REPO
 
 
-def run_suite(suite: Path, out: Path) -> None:
+def run_suite(suite: Path, out: Path, timeout: float = 600) -> None:
     """``qbench run SUITE --out OUT --no-leaderboard`` in a subprocess, as a user types it;
     the test fails with the command's output if it does not exit 0."""
     res = subprocess.run(
         [sys.executable, "-m", "qbench.harness.cli", "run", str(suite), "--out", str(out), "--no-leaderboard"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

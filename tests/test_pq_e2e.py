@@ -5,12 +5,11 @@ counts codes and codebooks; a run's own checkpoint evaluates back to the same to
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import run_suite
 
 SUITE = Path(__file__).parent / "suites" / "pq_tiny.yaml"
 pytestmark = pytest.mark.slow
@@ -19,13 +18,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("pq")
-    res = subprocess.run(
-        [sys.executable, "-m", "qbench.harness.cli", "run", str(SUITE), "--out", str(out), "--no-leaderboard"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_suite(SUITE, out, timeout=900)
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     df = mlflow.search_runs(search_all_experiments=True)
     return out, df
