@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from qbench.methods import Method, MethodContext, get_method
+from qbench.methods.modules import set_fused
 from qbench.methods.recipe import Recipe
 
 from .errors import QbenchError
@@ -257,7 +258,7 @@ def prepare_from_parent(cell: Cell, model, method: Method, mctx: MethodContext, 
     """``method.prepare`` the model, then load a quantized parent's state into it (a
     progressive chain; a full-precision parent's weights went in before prepare), on the
     cell's device. Returns (model, whether the parent was progressive)."""
-    model = method.prepare(model, mctx)
+    model = set_fused(method.prepare(model, mctx), mctx.recipe.fused)
     progressive = parent is not None and cell.parent_method != "fp32"
     if progressive:
         method.load_parent(model, parent, cell.parent_method)

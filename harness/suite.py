@@ -42,7 +42,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from qbench.methods.recipe import Recipe
+from qbench.methods.recipe import Recipe, identity_recipe
 
 from .errors import QbenchError
 
@@ -215,7 +215,7 @@ class Cell:
             "w_bits": self.w_bits,
             "a_bits": self.a_bits,
             "seed": self.seed,
-            "recipe": self.recipe,
+            "recipe": identity_recipe(self.recipe),
             "parent": self.parent,
             # classification cells keep the ids they had before tasks existed
             **({"task": self.task} if self.task != "classification" else {}),

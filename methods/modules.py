@@ -17,6 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def set_fused(model: nn.Module, enabled: bool) -> nn.Module:
+    """Choose the fused fake-quantizer kernels (``enabled``) or the reference functions
+    for every quantizer of ``model``; returns the model."""
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.fused = bool(enabled)
+    return model
+
+
 class Quantizer(nn.Module):
     """Base class. ``bits`` is the code width (32 means: pass through in full precision).
 
@@ -32,6 +41,9 @@ class Quantizer(nn.Module):
     bits: int
     #: set by ``Method.calibrate``: statistics are gathered whatever the module's mode
     observing: bool = False
+    #: use the fused kernels (methods/fused.py) on CUDA tensors; :func:`set_fused` sets it
+    #: from the recipe's ``fused`` key. The CPU always takes the reference functions.
+    fused: bool = True
 
     def __init__(self, bits: int):
         super().__init__()

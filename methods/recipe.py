@@ -7,7 +7,7 @@ as :class:`Recipe`, through :class:`qbench.methods.MethodContext`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -41,7 +41,27 @@ class Recipe(BaseModel):
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile on CUDA
     grad_clip: PositiveFloat | None = None
+    #: GPUs one cell trains on with DistributedDataParallel (one process each; the batch
+    #: size and learning rate stay the global ones the recipe names)
+    gpus: PositiveInt = Field(1, le=64)
+    #: the fused fake-quantizer kernels on CUDA (false: the reference functions of
+    #: methods/functional.py, the path the CPU always takes)
+    fused: bool = True
+    #: with ``compile``: capture the training step in CUDA graphs (``reduce-overhead``)
+    #: where shapes are static; a method that changes shapes or reads the host falls back
+    cudagraphs: bool = False
+
+    #: keys added after cells were first stored: at these values they are left out of a
+    #: cell's identity, so stored cells (and the results bundle) keep their ids
+    IDENTITY_DEFAULTS: ClassVar[dict] = {"gpus": 1, "fused": True, "cudagraphs": False}
 
     def with_(self, **changes) -> Recipe:
         """A copy with ``changes`` applied and validated (e.g. a method's fine-tuning stage)."""
         return Recipe(**{**self.model_dump(), **changes})
+
+
+def identity_recipe(recipe: dict) -> dict:
+    """The part of a resolved recipe that names a cell: every key, except the later-added
+    ones (:attr:`Recipe.IDENTITY_DEFAULTS`) while they keep their default value."""
+    omit = Recipe.IDENTITY_DEFAULTS
+    return {k: v for k, v in recipe.items() if not (k in omit and v == omit[k])}
