@@ -6,7 +6,10 @@ A cell is one task; a child task takes its parent's result as an argument, so Da
 after the parent, and a child whose parent failed is recorded as failed without running.
 Where workers declare a ``GPU`` resource (``dask worker ... --resources GPU=1``) each cell
 asks for one, so one cell runs per GPU; a worker trains on its first visible GPU
-(``CUDA_VISIBLE_DEVICES`` pins it), or on the device named by ``QBENCH_DEVICE``.
+(``CUDA_VISIBLE_DEVICES`` pins it), or on the device named by ``QBENCH_DEVICE``. A
+``gpus: N`` cell asks for N and trains on its worker's first N visible GPUs (a worker
+started with ``--resources GPU=N`` that sees them; :mod:`qbench.harness.ddp`); one that no
+worker can hold fails at once instead of waiting forever.
 
 Failures: a failing cell is a result, never an exception, so it never takes the suite
 down. A worker that dies mid-cell (killed, out of memory, preempted) loses its task and
@@ -115,6 +118,8 @@ def run_cell_task(cell: Cell, ctx: RunContext, token: str, parent: CellResult | 
 
     worker = get_worker()
     ctx = replace(ctx, device=worker_device())
+    if ctx.device != "cpu" and cell.typed_recipe.gpus > 1:
+        ctx = replace(ctx, devices=tuple(f"cuda:{i}" for i in range(torch.cuda.device_count())))
     if ctx.device == "cpu":
         cpu_threads()
     else:
@@ -269,7 +274,8 @@ class DaskExecutor(Executor):
 
         token = uuid.uuid4().hex
         workers = client.scheduler_info()["workers"].values()
-        resources = {"GPU": 1} if any("GPU" in (w.get("resources") or {}) for w in workers) else None
+        gpus = [(w.get("resources") or {}).get("GPU") for w in workers]
+        most = max((g for g in gpus if g is not None), default=None)  # None: workers declare no GPUs
         events: queue.Queue = queue.Queue()
         client.subscribe_topic(f"qbench-{token}", lambda ev: events.put(("event", ev[1])))
 
@@ -283,6 +289,14 @@ class DaskExecutor(Executor):
                 reporter.cell_start(cell.label)
                 reporter.cell_end(cell.label, "skipped")
                 continue
+            need = cell.typed_recipe.gpus
+            if most is not None and need > most:  # no worker could ever take it
+                error = f"recipe gpus: {need} needs a worker with --resources GPU={need}; the largest has GPU={most:g}"
+                results[cell.id] = CellResult(cell.id, cell.label, "failed", error=error)
+                reporter.cell_start(cell.label)
+                reporter.cell_end(cell.label, "failed", error)
+                continue
+            resources = {"GPU": need} if most is not None else None
             parent = futures[cell.parent] if cell.parent in futures else results.get(cell.parent)
             key = f"qbench-cell-{cell.id}-{token[:8]}"
             fut = client.submit(

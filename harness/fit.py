@@ -5,6 +5,11 @@ A stage (``train`` for the runner's own loop; a method names its own, e.g. ``fin
 checkpoints after every epoch: model, optimizer, schedule, random-number state and its
 history. Started again after a kill, it continues from the last finished epoch; a stage
 that finished returns its history at once with its final weights loaded.
+
+A cell trained by several processes (``recipe: {gpus: N}``, :mod:`qbench.harness.ddp`)
+runs this same loop in each; its :class:`Replicas` wrap the model, shard the batches and
+keep the copies equal, and only the first process writes (a read-only :class:`CellState`
+and no-op logging in the others).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +36,12 @@ _STAGE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 class CellState:
     """Files that let one cell resume: ``<out>/cells/<cell id>/<name>.pt``, written
     atomically and read back with ``weights_only=True``. ``name`` is a fixed identifier
-    chosen by code, never by a suite or a user."""
+    chosen by code, never by a suite or a user. ``writable=False`` reads the same files and
+    writes nothing (the other processes of a cell trained by several)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, writable: bool = True):
         self.folder = folder
+        self.writable = writable
 
     def path(self, name: str) -> Path:
         if not _STAGE.match(name):
@@ -43,6 +50,8 @@ class CellState:
 
     def save(self, name: str, obj: Any) -> None:
         path = self.path(name)
+        if not self.writable:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".pt.tmp")
         try:
@@ -60,7 +69,7 @@ class CellState:
 
     def clear(self) -> None:
         """Forget the resumable state (the cell finished); the final ``model.pt`` stays."""
-        if not self.folder.is_dir():
+        if not self.writable or not self.folder.is_dir():
             return
         for p in self.folder.glob("*.pt*"):
             if p.name != "model.pt":
@@ -110,6 +119,43 @@ def elapsed_before(state: CellState) -> float:
     return total
 
 
+class Replicas:
+    """The processes that train one cell together; this base class is the one process of
+    an ordinary cell, where every hook does nothing. :class:`qbench.harness.ddp.DDPReplicas`
+    is several, with DistributedDataParallel."""
+
+    rank = 0
+    world = 1
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module a training step calls (DDP), wrapped after calibration and restore."""
+        return model
+
+    def shard(self, split):
+        """The part of each global training batch this process trains on."""
+        return split
+
+    def after_step(self, on_step: Callable[[nn.Module, int], None]) -> Callable[[nn.Module, int], None]:
+        """``on_step``, plus whatever keeps the copies equal after an optimizer step."""
+        return on_step
+
+    def sync(self, model: nn.Module) -> None:
+        """Make every copy of ``model`` equal to the first one (after an epoch)."""
+
+    def mean(self, *values: float) -> tuple[float, ...]:
+        """``values`` averaged over the processes (each trained on an equal share)."""
+        return values
+
+
+def compiled(model: nn.Module, r: Recipe, device: torch.device) -> nn.Module:
+    """``model`` under ``torch.compile`` where the recipe asks for it on CUDA: with
+    ``cudagraphs``, ``mode="reduce-overhead"`` (CUDA graphs, for static shapes), else the
+    default mode."""
+    if not (r.compile and device.type == "cuda"):
+        return model
+    return torch.compile(model, mode="reduce-overhead") if r.cudagraphs else torch.compile(model)
+
+
 @dataclass
 class Trainer:
     """What :meth:`fit` needs from the cell; built by the runner, offered as ``ctx.fit``."""
@@ -122,6 +168,7 @@ class Trainer:
     state: CellState
     log: Callable[..., None]
     report: Callable[..., None]
+    replicas: Replicas = field(default_factory=Replicas)
 
     def __post_init__(self) -> None:
         self.histories: dict[str, dict] = {}
@@ -165,23 +212,28 @@ class Trainer:
         start = int(history["epoch"])
         if start >= epochs:
             return history
-        forward = torch.compile(model) if (r.compile and device.type == "cuda") else model
+        rep = self.replicas
+        net = rep.wrap(model)  # after calibration and restore: DDP starts every copy from the first one
+        forward = compiled(net, r, device)
+        evaluated = forward if net is model else model  # every process evaluates its own (equal) copy
         step = make_train_step(model, opt, r, device, extra_loss or m.extra_loss, loss_fn=loss_fn, forward=forward)
+        hook = rep.after_step(on_step or m.on_step)
+        train = rep.shard(data.train)
         prefix = "" if stage == "train" else stage + "/"
         self.report("cell_epochs", total=epochs, done=start)
         for epoch in range(start, epochs):
             e0 = time.perf_counter()
-            loss, acc, _ = train_epoch(
-                model, data.train, step, sched, r, device, self.generator, on_step or m.on_step, epoch * steps
-            )
+            loss, acc, _ = train_epoch(model, train, step, sched, r, device, self.generator, hook, epoch * steps)
+            rep.sync(model)
+            loss, acc = rep.mean(loss, acc)
             logged = {"train_loss": loss, "train_top1": acc, "lr": opt.param_groups[0]["lr"]}
             if (epoch + 1) % r.eval_every == 0 or epoch + 1 == epochs:
-                test = evaluate(forward, data.test, r, device)
+                test = evaluate(evaluated, data.test, r, device)
                 logged.update(test_top1=test.top1, test_loss=test.loss)
                 if test.top1 > history["best_test"]:
                     history["best_test"], history["best_epoch"] = test.top1, epoch + 1
                 if data.val is not None:
-                    val = evaluate(forward, data.val, r, device)
+                    val = evaluate(evaluated, data.val, r, device)
                     logged["val_top1"] = val.top1
                     if val.top1 > history["best_val"]:
                         history["best_val"], history["test_at_best_val"] = val.top1, test.top1

@@ -26,7 +26,7 @@ from qbench.methods.modules import set_fused
 from qbench.methods.recipe import Recipe
 
 from .errors import QbenchError
-from .fit import CellState, Trainer, cpu_state
+from .fit import CellState, Replicas, Trainer, cpu_state
 from .models.weights import safe_load
 from .suite import Cell
 from .tracking import DATA_FINGERPRINT, RECORDED, TAG, RunRecord, Tracker
@@ -44,6 +44,8 @@ class RunContext:
     data_root: str | None = None
     device: str = "cpu"
     force: bool = False
+    #: the devices a ``gpus: N`` cell may train on, one process each (empty: ``device``)
+    devices: tuple[str, ...] = ()
 
     def cell_dir(self, cell_id: str) -> Path:
         return self.out_dir / "cells" / cell_id
@@ -209,9 +211,19 @@ def tag_notation(cell: Cell, tracker: Tracker, run_id: str) -> None:
         tracker.set_tags(run_id, {NOTATION: notation})
 
 
-def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> Built:
+def build(
+    cell: Cell,
+    ctx: RunContext,
+    tracker: Tracker,
+    runs: dict,
+    run_id: str,
+    report: Report,
+    replicas: Replicas | None = None,
+) -> Built:
     """Data, the full-precision model (parent weights loaded), the method's prepared model
-    and its context: everything the cell's training needs, on the cell's device."""
+    and its context: everything the cell's training needs, on the cell's device.
+    ``replicas``: the processes training the cell together (:mod:`qbench.harness.ddp`);
+    only the first writes the cell's state."""
     import copy
 
     r = cell.typed_recipe
@@ -226,12 +238,13 @@ def build(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str
     from_fp = parent is not None and cell.parent_method == "fp32"
     if from_fp:
         method.load_parent(model, parent, "fp32")
-    state = CellState(ctx.cell_dir(cell.id))
+    replicas = replicas or Replicas()
+    state = CellState(ctx.cell_dir(cell.id), writable=replicas.rank == 0)
 
     def log(metrics, step=None):
         tracker.log_metrics(run_id, dict(metrics), step=step)
 
-    trainer = Trainer(data, method, r, device, generator, state, log, report)
+    trainer = Trainer(data, method, r, device, generator, state, log, report, replicas)
     mctx = MethodContext(
         device=device,
         recipe=r,
@@ -265,11 +278,18 @@ def prepare_from_parent(cell: Cell, model, method: Method, mctx: MethodContext, 
     return model.to(mctx.device), progressive
 
 
-def fit_cell(b: Built) -> dict:
+def resuming(b: Built) -> bool:
+    """Whether an earlier, killed attempt of the cell left state to resume from."""
+    return b.trainer.state.exists() or b.trainer.state.load("method_state") is not None
+
+
+def fit_cell(b: Built, resume: bool | None = None) -> dict:
     """Calibrate (a fresh start from the full-precision parent), then train: the method's
-    own phase when it owns one, else the runner's loop. Returns the last stage's history."""
-    resuming = b.trainer.state.exists() or b.trainer.state.load("method_state") is not None
-    if not resuming and not b.progressive:
+    own phase when it owns one, else the runner's loop. Returns the last stage's history.
+    ``resume``: :func:`resuming`, when the caller decided it (default: read it now)."""
+    if resume is None:
+        resume = resuming(b)
+    if not resume and not b.progressive:
         b.method.calibrate(b.model, b.mctx)
     r = b.mctx.recipe
     if r.train and not b.method.train(b.model, b.mctx):
@@ -322,6 +342,10 @@ def record(tracker: Tracker, run_id: str, metrics: dict, fp, model: torch.nn.Mod
 
 
 def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: str, report: Report) -> dict:
+    if cell.typed_recipe.gpus > 1:  # one process per device, DistributedDataParallel
+        from .ddp import execute
+
+        return execute(cell, ctx, tracker, runs, run_id, report)
     if getattr(cell, "task", "classification") != "classification":  # detection / instance segmentation
         from .detect import execute
 
@@ -330,8 +354,15 @@ def _execute(cell: Cell, ctx: RunContext, tracker: Tracker, runs: dict, run_id: 
     b = build(cell, ctx, tracker, runs, run_id, report)
     before = b.trainer.elapsed_before()  # training time of earlier, killed attempts
     history = fit_cell(b)
+    return finish(cell, ctx, tracker, run_id, b, history, t0 - before)
+
+
+def finish(cell: Cell, ctx: RunContext, tracker: Tracker, run_id: str, b: Built, history: dict, t0: float) -> dict:
+    """After training: measure, record and forget the resumable state. ``t0``: when the cell
+    started (``time.perf_counter()``), moved back by the training time of earlier, killed
+    attempts. Returns the metrics."""
     model, metrics, fp = measure(b.model, b.method, b.data, "test", b.mctx.recipe, b.mctx.device)
-    metrics["wall_time_s"] = before + (time.perf_counter() - t0)
+    metrics["wall_time_s"] = time.perf_counter() - t0
     if history.get("best_epoch", -1) > 0:
         metrics["best_top1_selected_on_test"] = history["best_test"]
         metrics["best_epoch"] = history["best_epoch"]
