@@ -86,6 +86,8 @@ Deviations from the official code (also in :attr:`APoT.comment`):
   order), in linear memory, and it works on channels_last tensors (the official
   ``view(-1)`` fails on them).
 * The quantizer computes in float32 under bf16 autocast and returns the input's dtype.
+
+On CUDA the quantizers run the fused kernels of :mod:`qbench.methods.fused` (recipe ``fused: false``: this reference).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from . import fused as _fused
 from .base import Method, MethodContext, Paper
 from .modules import Identity, Quantizer, quantize_model
 from .recipe import Recipe
@@ -334,13 +337,14 @@ class APoTQuantizer(Quantizer):
         self.initialized.fill_(True)  # constant initialisation, nothing to observe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantize = _fused.fused_apot if self.fused and _fused.supported(x) else apot_quantize
         if self.role == "weight":
             if self.variant == "cifar":
                 mean, std = x.detach().mean(), x.detach().std()
             else:
                 mean, std = x.mean(), x.std()
             x = (x - mean) / std
-            return apot_quantize(
+            return quantize(
                 x,
                 self.alpha,
                 self.levels,
@@ -350,7 +354,7 @@ class APoTQuantizer(Quantizer):
                 clip_x_grad=not (self.calibrated or self.variant == "cifar"),
                 grad_scale=self.grad_scale,
             )
-        return apot_quantize(
+        return quantize(
             x,
             self.alpha,
             self.levels,

@@ -27,6 +27,8 @@ layer wrapper) rather than replacing the nonlinearity; after a ReLU,
 ``clip(relu(x), 0, 1) = clip(x, 0, 1)``, so this is the same function wherever a layer's
 input is a ReLU output. Training starts from the full-precision baseline (the paper's
 ImageNet models train from scratch; the EasyQuantization dashboard fine-tunes).
+
+On CUDA the quantizers run the fused kernels of :mod:`qbench.methods.fused` (recipe ``fused: false``: this reference).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from . import fused as _fused
 from .base import Method, MethodContext, Paper
 from .functional import dorefa_activation, dorefa_weight
 from .modules import Quantizer, quantize_model
@@ -64,6 +67,8 @@ class DoReFaWeight(Quantizer):
     and the 1-bit case stores one scale E(|w|) per layer."""
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.bits > 1 and _fused.supported(w):
+            return _fused.fused_dorefa_weight(w, self.bits)
         return dorefa_weight(w, self.bits)
 
     def scale_count(self) -> int:
@@ -74,6 +79,8 @@ class DoReFaAct(Quantizer):
     """k-bit DoReFa activations: clip to [0, 1], then quantize_k. Stateless."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and _fused.supported(x):
+            return _fused.fused_dorefa_activation(x, self.bits)
         return dorefa_activation(x, self.bits)
 
 

@@ -70,6 +70,8 @@ batch); the ternary code set is qbench's (the paper quantizes to 2^K levels only
 the QEM step also runs on calibration batches, so a fine-tuned model's activation
 bases start from the data; training starts from the full-precision baseline (the
 official code trains from scratch).
+
+On CUDA the quantizers run the fused kernels of :mod:`qbench.methods.fused` (recipe ``fused: false``: this reference).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from . import fused as _fused
 from .base import Method, MethodContext, Paper
 from .functional import (
     binary_codes,
@@ -187,6 +190,8 @@ class LQQuantizer(Quantizer):
     def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         groups = self.basis.shape[1]
         levels, sorted_codes = lq_levels(self.basis, self.codes)
+        if self.fused and _fused.supported(x):
+            return self._quantize_fused(x, levels, sorted_codes)
         with torch.no_grad():
             rows = x.detach().float().reshape(groups, -1)  # [G, M]: per channel, or all
             q, idx = lq_quantize(rows, levels)
@@ -199,6 +204,17 @@ class LQQuantizer(Quantizer):
         # activations: the gradient stops above the largest level (official ``x_clip``)
         top = levels[:, -1].max().to(x.dtype)
         return forward_value(torch.minimum(x, top), q)
+
+    def _quantize_fused(self, x: torch.Tensor, levels: torch.Tensor, sorted_codes: torch.Tensor) -> torch.Tensor:
+        """:meth:`_quantize` with the fused nearest-level kernel (the QEM step stays in torch)."""
+        train = self.training or self.observing
+        top = None if self.signed else levels[:, -1].max().to(x.dtype)
+        out, idx = _fused.fused_lq(x, levels, top, self.signed, want_idx=train)
+        if train:
+            with torch.no_grad():
+                groups = self.basis.shape[1]
+                self._qem_step(x.detach().float().reshape(groups, -1), idx.reshape(groups, -1), sorted_codes)
+        return out
 
     def _qem_step(self, rows: torch.Tensor, idx: torch.Tensor, sorted_codes: torch.Tensor) -> None:
         new = qem_basis(rows, idx, sorted_codes, self.basis, DELTA)

@@ -26,6 +26,8 @@ with the straight-through estimator for :math:`\partial \hat v / \partial v`.
   cosine learning-rate decay; weight decay 1e-4 at 4+ bits, 0.5e-4 at 3, 0.25e-4 at 2.
   The step sizes themselves are trained without weight decay here (the runner's default
   puts none on quantizer parameters).
+
+On CUDA the quantizer runs the fused kernels of :mod:`qbench.methods.fused` (recipe ``fused: false``: this reference).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from . import fused as _fused
 from .base import Method, MethodContext, Paper
 from .functional import int_range, lsq_quantize
 from .modules import Quantizer, quantize_model
@@ -76,7 +79,10 @@ class LSQQuantizer(Quantizer):
         qn, qp = self._grid()
         n = v.numel() if self.weight else v[0].numel()  # N_W, or N_F per example
         g = 1.0 / math.sqrt(n * qp)
-        return lsq_quantize(v, self.step.to(v.dtype), qn, qp, g)
+        s = self.step.to(v.dtype)
+        if self.fused and _fused.supported(v):
+            return _fused.fused_lsq(v, s, qn, qp, g)
+        return lsq_quantize(v, s, qn, qp, g)
 
     @torch.no_grad()
     def _init(self, v: torch.Tensor) -> None:

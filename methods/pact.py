@@ -36,6 +36,8 @@ wrapper) instead of replacing the ReLU; after a ReLU, :math:`\mathrm{PACT}(\math
 \mathrm{PACT}(x)`, but a ReLU output read by two layers (a ResNet block's first conv and
 its projection shortcut) gets one :math:`\alpha` per reading layer. Training starts from
 the full-precision baseline (the paper trains from scratch).
+
+On CUDA the quantizers run the fused kernels of :mod:`qbench.methods.fused` (recipe ``fused: false``: this reference).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from . import fused as _fused
 from .base import Method, MethodContext, Paper
 from .dorefa import DoReFaWeight, first_last_policy
 from .functional import pact_quantize
@@ -62,6 +65,8 @@ class PACTAct(Quantizer):
         self.mark_initialized()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and _fused.supported(x):
+            return _fused.fused_pact(x, self.alpha, self.bits)
         return pact_quantize(x, self.alpha, self.bits)
 
 

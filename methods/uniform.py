@@ -22,6 +22,8 @@ References: Jacob et al., "Quantization and Training of Neural Networks for Effi
 Integer-Arithmetic-Only Inference", CVPR 2018 (asymmetric activations, EMA ranges);
 Krishnamoorthi, "Quantizing deep convolutional networks for efficient inference: A
 whitepaper", arXiv:1806.08342, 2018 (symmetric per-channel weights).
+
+On CUDA the quantizers run the fused kernels of :mod:`qbench.methods.fused` (recipe ``fused: false``: this reference).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from . import fused as _fused
 from .base import Method, MethodContext, Paper
 from .functional import fake_quant
 from .modules import Quantizer, per_channel_groups, quantize_model
@@ -50,7 +53,10 @@ class MinMaxWeight(Quantizer):
         return (flat / self.qp).view(-1, *([1] * (w.dim() - 1)))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quant(w, self.scale(w), self.qp, self.qp)
+        s = self.scale(w)
+        if self.fused and _fused.supported(w):
+            return _fused.fused_fake_quant(w, s, self.qp, self.qp)
+        return fake_quant(w, s, self.qp, self.qp)
 
     def scale_count(self) -> int:
         return self.channels  # one stored scale per output channel
@@ -89,6 +95,8 @@ class MinMaxAct(Quantizer):
         qmax = 2**self.bits - 1
         scale = ((hi - lo) / qmax).clamp_min(1e-8)
         zero = torch.round(-lo / scale)
+        if self.fused and _fused.supported(x):
+            return _fused.fused_fake_quant(x, scale.to(x.dtype), 0, qmax, zero.to(x.dtype))
         return fake_quant(x, scale.to(x.dtype), 0, qmax, zero.to(x.dtype))
 
     def scale_count(self) -> int:
