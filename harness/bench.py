@@ -1,25 +1,43 @@
 """``qbench bench``: how much a quantization method costs per training step.
 
-For a model, one or more methods and bit-widths, times full training steps (forward,
-loss, backward, optimizer step, the method's extra loss and per-step hook) against full
-precision in the same process, on a fixed synthetic batch, the way the runner's loop
-takes them (:mod:`qbench.harness.train`: bf16 autocast and channels_last on CUDA, SGD
-with momentum). Each configuration runs eager and, where asked, under ``torch.compile``
-(the model, fake-quantizers included; the optimizer step stays eager, as in the runner).
+For a model, one or more methods (``--method all``: every registered one) and bit-widths,
+times full training steps (forward, loss, backward, optimizer step, the method's extra
+loss and per-step hook) against full precision in the same process, on a fixed synthetic
+batch, the way the runner's loop takes them (:mod:`qbench.harness.train`: bf16 autocast
+and channels_last on CUDA, SGD with momentum). Each configuration runs in every asked
+mode: ``eager``; ``compiled`` (``torch.compile`` of the model, fake-quantizers included;
+the optimizer step stays eager, as in the runner); ``cudagraphs`` (the same, with
+``mode="reduce-overhead"``: the forward and backward replayed as CUDA graphs, as the
+recipe key ``cudagraphs: true`` trains; CUDA only).
+
+Rows: the full-precision baseline first, then each method at each bit-width (a method
+that does not support the asked width runs at its nearest supported one, said in the row's
+note; one that cannot be built here, e.g. a method that needs its own model family, is
+skipped with the reason), each on the quantizers' fused kernels and/or their reference
+functions (``--fused/--no-fused/--fused-both``: the ``path`` column; the fused kernels
+exist on CUDA only, so on the CPU every row is ``ref``), then the peers (``--peer
+torchao``: another library's fake-quantizers on the same layers, see
+:mod:`qbench.harness.peers`). Methods that own their training (``Method.train``: Bayesian
+Bits' stages, PQF's and BGD's distillation, BGD's layer-wise EM) are timed on the runner's
+step after ``prepare`` and ``calibrate``: their own phases and a teacher's forward are not
+in the figure (the row's note says so).
 
 Timing: ``--warmup`` steps first (compilation, cuDNN autotuning, allocator growth),
 then ``--steps`` steps, each bracketed by CUDA events (on the CPU, a host clock): the
 median step time is the figure, ``images/s`` is batch size over it. Peak memory is the
-most the CUDA caching allocator held at once over the timed steps. ``syncs/step`` counts
-the operations of one eager step that wait for the GPU (``.item()``, ``bool(tensor)``,
-host copies), which stall the pipeline and, under ``torch.compile``, break the graph.
+most the CUDA caching allocator held at once over the timed steps (the peak is reset
+before them, so each row counts its own). ``syncs/step`` counts the operations of one step
+that wait for the GPU (``.item()``, ``bool(tensor)``, host copies), in every mode: they
+stall the pipeline and, under ``torch.compile``, break the graph.
 
 ``--dataset`` additionally times one whole training epoch of that dataset's training
 split (its real batching and augmentation on the device included, evaluation
 excluded), after one warm-up epoch.
 
 Ratios are against the full-precision run of the same process: ``x FP`` against the
-same mode (compiled against compiled), ``x FP eager`` against the eager baseline.
+same mode (compiled against compiled), ``x FP eager`` against the eager baseline, ``mem x
+FP`` peak memory against the same mode's; ``x ref`` a fused row against the same
+configuration and mode on the reference functions.
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from importlib import metadata
 from pathlib import Path
 
 import click
@@ -54,6 +73,10 @@ NATIVE = {
     "small_cnn": (8, 1),
 }
 
+MODES = ("eager", "compiled", "cudagraphs")
+#: libraries whose fake-quantizers ``--peer`` can time (:mod:`qbench.harness.peers`; optional installs)
+PEERS = ("torchao",)
+
 
 @dataclass
 class BenchConfig:
@@ -68,6 +91,10 @@ class BenchConfig:
     method_options: dict = field(default_factory=dict)
     model_options: dict = field(default_factory=dict)
     modes: tuple[str, ...] = ("eager",)
+    #: the quantizer paths to time: True the fused kernels, False the reference functions
+    fused: tuple[bool, ...] = (True,)
+    #: other libraries' fake-quantizers (:mod:`qbench.harness.peers`) at each asked bit-width
+    peers: tuple[str, ...] = ()
     steps: int = 30
     warmup: int = 10
     amp: bool = True
@@ -86,6 +113,8 @@ class BenchResult:
     w_bits: int
     a_bits: int
     mode: str
+    #: "fused" or "ref" (the quantizers' kernels), "-" without quantizers, else the peer's name
+    path: str = "-"
     step_ms: float = math.nan
     step_ms_p10: float = math.nan
     step_ms_p90: float = math.nan
@@ -98,7 +127,24 @@ class BenchResult:
     x_fp: float | None = None
     x_fp_eager: float | None = None
     mem_x_fp: float | None = None
+    x_ref: float | None = None
+    note: str = ""
+    skipped: str = ""
     error: str = ""
+
+
+@dataclass
+class _Case:
+    """One row of a mode: what to build and how its quantizers run."""
+
+    label: str
+    method: str
+    w: int
+    a: int
+    path: str = "-"
+    fused: bool | None = None
+    peer: str | None = None
+    note: str = ""
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -108,6 +154,38 @@ def parse_bits(text: str) -> tuple[int, int]:
     except ValueError as e:
         raise QbenchError(str(e), "--bits") from None
     return b.w, b.a
+
+
+def expand_methods(names: tuple[str, ...] | list[str]) -> list[str]:
+    """``--method`` values (repeatable, comma lists, ``all``: every registered method but
+    fp32) as checked names, in order, each once."""
+    from qbench.methods import METHODS
+
+    out: list[str] = []
+    for text in names:
+        for name in (n.strip() for n in text.split(",")):
+            if not name:
+                continue
+            chosen = [m for m in METHODS.names() if m != "fp32"] if name == "all" else [name]
+            for m in chosen:
+                METHODS.get(m, "--method")
+                if m not in out:
+                    out.append(m)
+    return out
+
+
+def supported_bits(method_name: str, w: int, a: int) -> tuple[int, int, str]:
+    """The method's nearest supported widths to (w, a), and a note when they differ."""
+    from qbench.methods import get_method
+
+    cls = get_method(method_name)
+
+    def near(v: int, allowed: tuple[int, ...]) -> int:
+        return min(allowed, key=lambda b: (abs(b - v), -b))
+
+    sw, sa = near(w, cls.weight_bits), near(a, cls.act_bits)
+    note = "" if (sw, sa) == (w, a) else f"W{w}A{a} unsupported: at W{sw}A{sa}"
+    return sw, sa, note
 
 
 def environment(device) -> dict:
@@ -123,14 +201,73 @@ def environment(device) -> dict:
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    for lib in PEERS:  # the optional peers' versions, where installed
+        try:
+            env[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
     return env
 
 
-def _build(cfg: BenchConfig, method_name: str, w: int, a: int, device, example):
-    """The model under ``method`` on ``device``, calibrated on the example batch, with the
-    runner's optimizer; returns (model, method, optimizer, recipe)."""
+def fused_kernels_apply(device) -> bool:
+    """Whether the quantizers' ``fused`` flag changes anything on ``device``: CUDA, with the
+    kernels enabled (``QBENCH_FUSED=1`` until they are verified on a GPU; methods/fused.py)."""
+    from qbench.methods import fused
+
+    return device.type == "cuda" and fused.CUDA_ENABLED and fused.HAS_TRITON
+
+
+def plan(cfg: BenchConfig, device) -> tuple[tuple[str, ...], list[_Case], list[str]]:
+    """The modes and the rows of each mode on ``device``, and notes on what was left out."""
+    notes: list[str] = []
+    modes = cfg.modes
+    if device.type != "cuda" and "cudagraphs" in modes:
+        modes = tuple(m for m in modes if m != "cudagraphs")
+        notes.append("cudagraphs: skipped (CUDA graphs need a CUDA device)")
+    paths = tuple(dict.fromkeys(cfg.fused))
+    if not fused_kernels_apply(device) and True in paths:
+        paths = (False,)
+        notes.append(
+            "fused kernels: CUDA only, opt-in with QBENCH_FUSED=1 (and triton): every row uses the reference functions"
+        )
+    cases = [_Case("fp32", "fp32", 32, 32)]
+    seen = set()
+    for name, w, a in cfg.methods:
+        if name == "fp32":
+            continue
+        sw, sa, note = supported_bits(name, w, a)
+        if (name, sw, sa) in seen:
+            continue
+        seen.add((name, sw, sa))
+        note = "; ".join(n for n in (note, _training_note(name)) if n)
+        for fused in paths:
+            path = "fused" if fused else "ref"
+            cases.append(_Case(f"{name} W{sw}A{sa}", name, sw, sa, path, fused, note=note))
+    for peer in cfg.peers:
+        for w, a in dict.fromkeys((w, a) for _, w, a in cfg.methods):
+            cases.append(_Case(f"{peer} W{w}A{a}", f"peer:{peer}", w, a, peer, peer=peer))
+    return modes, cases, notes
+
+
+def _training_note(name: str) -> str:
+    from qbench.methods import Method, get_method
+
+    cls = get_method(name)
+    parts = []
+    if cls.train is not Method.train:
+        parts.append("its own training phases not timed (runner step only)")
+    if cls.needs_teacher:
+        parts.append("no teacher forward (cross-entropy step)")
+    return ", ".join(parts)
+
+
+def _build(cfg: BenchConfig, case: _Case, device, example):
+    """The model under the case's method (or peer) on ``device``, calibrated on the example
+    batch, its quantizers on the case's path, with the runner's optimizer; returns (model,
+    method, optimizer, recipe)."""
     import torch
     from qbench.methods import MethodContext, Recipe, get_method
+    from qbench.methods.modules import set_fused
 
     from .models import create_model
     from .train import default_param_groups, make_optimizer
@@ -142,7 +279,13 @@ def _build(cfg: BenchConfig, method_name: str, w: int, a: int, device, example):
         image_size=cfg.image_size,
         **cfg.model_options,
     )
-    method = get_method(method_name)(w, a, **(cfg.method_options if method_name != "fp32" else {}))
+    if case.peer is not None:
+        from .peers import peer_method
+
+        method = peer_method(case.peer, case.w, case.a)
+    else:
+        options = cfg.method_options if case.method != "fp32" else {}
+        method = get_method(case.method)(case.w, case.a, **options)
     recipe = Recipe(
         calib_batches=1,
         batch_size=cfg.batch_size,
@@ -160,21 +303,40 @@ def _build(cfg: BenchConfig, method_name: str, w: int, a: int, device, example):
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     method.calibrate(model, ctx)
+    if case.fused is not None:
+        set_fused(model, case.fused)
     model.train()
     groups = method.param_groups(model, recipe) or default_param_groups(model, recipe.weight_decay, recipe.wd_on)
     opt = make_optimizer(groups, recipe)
     return model, method, opt, recipe
 
 
-def _step_fn(model, fwd: Callable, method, opt, recipe, device):
+def _forward(model, mode: str, cfg: BenchConfig):
+    """What the step calls forward: the model, or its compiled form for the mode."""
+    import torch
+
+    if mode == "eager":
+        return model
+    torch._dynamo.reset()
+    if mode == "cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model, backend=cfg.compile_backend)
+
+
+def _step_fn(model, fwd: Callable, method, opt, recipe, device, mode: str = "eager"):
     """The runner's training step (:func:`qbench.harness.train.make_train_step`) followed by
     the method's per-step hook, as one call."""
+    import torch
+
     from .train import make_train_step
 
     train_step = make_train_step(model, opt, recipe, device, method.extra_loss, forward=fwd)
     counter = {"step": 0}
+    graphs = mode == "cudagraphs"
 
     def step(x, y):
+        if graphs:  # a new iteration: the previous replay's outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         loss, _ = train_step(x, y)
         counter["step"] += 1
         method.on_step(model, counter["step"])
@@ -255,8 +417,59 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_bench(cfg: BenchConfig, device, log: Callable[[str], None] = lambda s: None) -> list[BenchResult]:
-    """Measure every (configuration, mode); the full-precision baseline first."""
+def _one_line(e: BaseException) -> str:
+    text = e.message if isinstance(e, QbenchError) else f"{type(e).__name__}: {e}"
+    return " ".join(text.split())[:300]
+
+
+def _measure(cfg: BenchConfig, case: _Case, mode: str, device, x, y, data) -> BenchResult:
+    """Build, warm up and time one row; a method that cannot be built here is skipped, a
+    failure is recorded (neither hides the other rows)."""
+    import torch
+
+    res = BenchResult(case.label, case.method, case.w, case.a, mode, path=case.path, note=case.note)
+    model = opt = step = None
+    try:
+        try:
+            model, method, opt, recipe = _build(cfg, case, device, (x, y))
+        except QbenchError as e:  # the method refuses this model or these bits
+            res.skipped = _one_line(e)
+            return res
+        step = _step_fn(model, _forward(model, mode, cfg), method, opt, recipe, device, mode)
+        t0 = time.perf_counter()
+        for _ in range(cfg.warmup):
+            step(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res.warmup_s = time.perf_counter() - t0
+        res.syncs_per_step = _count_syncs(step, x, y)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = sorted(_time_steps(step, x, y, cfg.steps, device))
+        res.step_ms = statistics.median(times)
+        res.step_ms_p10 = times[int(0.1 * (len(times) - 1))]
+        res.step_ms_p90 = times[int(0.9 * (len(times) - 1))]
+        res.images_per_s = cfg.batch_size / (res.step_ms / 1000)
+        if device.type == "cuda":
+            res.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        if data is not None:
+            res.epoch_s, res.epoch_images = _time_epoch(step, data, cfg, device)
+    except Exception as e:  # one failing configuration does not hide the others
+        res.error = _one_line(e)
+    finally:
+        del model, opt, step
+        _free(device)
+    return res
+
+
+def run_bench(
+    cfg: BenchConfig,
+    device,
+    log: Callable[[str], None] = lambda s: None,
+    notes: list[str] | None = None,
+) -> list[BenchResult]:
+    """Measure every (row, mode); the full-precision baseline first in each mode. What was
+    left out (a mode or path this device lacks) is appended to ``notes``."""
     import torch
 
     torch.manual_seed(0)
@@ -271,59 +484,30 @@ def run_bench(cfg: BenchConfig, device, log: Callable[[str], None] = lambda s: N
     if cfg.channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
-    configs = [("fp32", 32, 32)] + [c for c in cfg.methods if c[0] != "fp32"]
+    modes, cases, left_out = plan(cfg, device)
+    if notes is not None:
+        notes.extend(left_out)
+    for n in left_out:
+        log(f"note: {n}")
     results: list[BenchResult] = []
-    for mode in cfg.modes:
-        for name, w, a in configs:
-            label = "fp32" if name == "fp32" else f"{name} W{w}A{a}"
-            res = BenchResult(label, name, w, a, mode)
-            log(f"{label} ({mode}) ...")
-            model = opt = step = None
-            try:
-                model, method, opt, recipe = _build(cfg, name, w, a, device, (x, y))
-                if mode == "compiled":
-                    torch._dynamo.reset()
-                    fwd = torch.compile(model, backend=cfg.compile_backend)
-                else:
-                    fwd = model
-                step = _step_fn(model, fwd, method, opt, recipe, device)
-                t0 = time.perf_counter()
-                for _ in range(cfg.warmup):
-                    step(x, y)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                res.warmup_s = time.perf_counter() - t0
-                if mode == "eager":
-                    res.syncs_per_step = _count_syncs(step, x, y)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                times = sorted(_time_steps(step, x, y, cfg.steps, device))
-                res.step_ms = statistics.median(times)
-                res.step_ms_p10 = times[int(0.1 * (len(times) - 1))]
-                res.step_ms_p90 = times[int(0.9 * (len(times) - 1))]
-                res.images_per_s = cfg.batch_size / (res.step_ms / 1000)
-                if device.type == "cuda":
-                    res.peak_mem_mib = torch.cuda.max_memory_allocated(device) / 2**20
-                if data is not None:
-                    res.epoch_s, res.epoch_images = _time_epoch(step, data, cfg, device)
-            except QbenchError:
-                raise
-            except Exception as e:  # one failing configuration does not hide the others
-                res.error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-            finally:
-                del model, opt, step
-                _free(device)
-            results.append(res)
+    for mode in modes:
+        for case in cases:
+            log(f"{case.label} [{case.path}] ({mode}) ...")
+            results.append(_measure(cfg, case, mode, device, x, y, data))
     _ratios(results)
     return results
 
 
 def _ratios(results: list[BenchResult]) -> None:
-    fp = {r.mode: r for r in results if r.method == "fp32" and not r.error}
+    ok = [r for r in results if not (r.error or r.skipped)]
+    fp = {r.mode: r for r in ok if r.method == "fp32"}
+    ref = {(r.label, r.mode): r for r in ok if r.path == "ref"}
     eager = fp.get("eager")
-    for r in results:
+    for r in ok:
         base = fp.get(r.mode)
-        if r.error or base is None:
+        if r.path == "fused" and (r.label, r.mode) in ref:
+            r.x_ref = r.step_ms / ref[r.label, r.mode].step_ms
+        if base is None:
             continue
         r.x_fp = r.step_ms / base.step_ms
         if eager is not None:
@@ -332,15 +516,17 @@ def _ratios(results: list[BenchResult]) -> None:
             r.mem_x_fp = r.peak_mem_mib / base.peak_mem_mib
 
 
-def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str:
+def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult], notes: list[str] = ()) -> str:
     amp = "bf16 autocast" if cfg.amp and env["device"].startswith("cuda") else "fp32"
     layout = "channels_last" if cfg.channels_last and env["device"].startswith("cuda") else "NCHW"
+    w = max([14, *(len(r.label) for r in results)])
     lines = [
         f"{cfg.model} @ {cfg.image_size}px, batch {cfg.batch_size}, {env['gpu']}, "
         f"torch {env['torch']}, {amp}, {layout}, median of {cfg.steps} steps after {cfg.warmup}",
-        f"{'config':14s} {'mode':9s} {'step ms':>8s} {'images/s':>9s} {'x FP':>6s} "
-        f"{'x FP eager':>10s} {'peak MiB':>9s} {'mem x FP':>8s} {'syncs':>5s}"
-        + (f" {'epoch s':>8s}" if cfg.dataset else ""),
+        f"{'config':{w}s} {'path':7s} {'mode':10s} {'step ms':>8s} {'images/s':>9s} {'x FP':>6s} "
+        f"{'x FP eager':>10s} {'x ref':>6s} {'peak MiB':>9s} {'mem x FP':>8s} {'syncs':>5s}"
+        + (f" {'epoch s':>8s}" if cfg.dataset else "")
+        + "  note",
     ]
 
     def f(v, fmt: str) -> str:
@@ -349,17 +535,19 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
         return f"{'-':>{width}s}" if missing else format(v, fmt)
 
     for r in results:
-        if r.error:
-            lines.append(f"{r.label:14s} {r.mode:9s} failed: {r.error}")
+        head = f"{r.label:{w}s} {r.path:7s} {r.mode:10s}"
+        if r.skipped or r.error:
+            lines.append(f"{head} {'skipped' if r.skipped else 'failed'}: {r.skipped or r.error}")
             continue
         line = (
-            f"{r.label:14s} {r.mode:9s} {r.step_ms:8.2f} {r.images_per_s:9.0f} {f(r.x_fp, '6.2f')} "
-            f"{f(r.x_fp_eager, '10.2f')} {f(r.peak_mem_mib, '9.0f')} {f(r.mem_x_fp, '8.2f')} "
+            f"{head} {r.step_ms:8.2f} {r.images_per_s:9.0f} {f(r.x_fp, '6.2f')} "
+            f"{f(r.x_fp_eager, '10.2f')} {f(r.x_ref, '6.2f')} {f(r.peak_mem_mib, '9.0f')} {f(r.mem_x_fp, '8.2f')} "
             f"{f(r.syncs_per_step, '5d')}"
         )
         if cfg.dataset:
             line += f" {f(r.epoch_s, '8.2f')}"
-        lines.append(line)
+        lines.append(line + (f"  {r.note}" if r.note else ""))
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
@@ -371,7 +559,7 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
     multiple=True,
     default=("lsq",),
     show_default=True,
-    help="Method(s) to compare with full precision (repeatable).",
+    help="Method(s) to compare with full precision: repeatable, comma lists, 'all' for every registered one.",
 )
 @click.option(
     "--bits",
@@ -379,7 +567,7 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
     multiple=True,
     default=("W4A4",),
     show_default=True,
-    help="Bit-width(s) W<w>A<a> (repeatable).",
+    help="Bit-width(s) W<w>A<a> (repeatable); a method that lacks one runs at its nearest.",
 )
 @click.option("--batch-size", default=256, show_default=True, type=int)
 @click.option("--image-size", default=None, type=int, help="Input side (default: 224, or 32 for CIFAR nets).")
@@ -393,8 +581,28 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
     default=None,
     help="Also time under torch.compile (default: on CUDA only).",
 )
+@click.option(
+    "--cudagraphs/--no-cudagraphs",
+    default=False,
+    show_default=True,
+    help="Also time torch.compile(mode='reduce-overhead') (CUDA graphs; CUDA only, a note on the CPU).",
+)
 @click.option("--eager/--no-eager", default=True, show_default=True, help="Time eager mode.")
-@click.option("--compile-backend", default="inductor", show_default=True)
+@click.option("--compile-backend", default="inductor", show_default=True, help="Backend of the compiled mode.")
+@click.option(
+    "--fused/--no-fused",
+    default=True,
+    show_default=True,
+    help="Quantizers on their fused kernels (CUDA) or on the reference functions.",
+)
+@click.option("--fused-both", is_flag=True, help="Time both quantizer paths in the same process (overrides --fused).")
+@click.option(
+    "--peer",
+    "peers",
+    multiple=True,
+    type=click.Choice(PEERS),
+    help="Add another library's fake-quantizers on the same layers at the same bits (optional install).",
+)
 @click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA.")
 @click.option(
     "--channels-last/--no-channels-last",
@@ -408,6 +616,13 @@ def format_table(cfg: BenchConfig, env: dict, results: list[BenchResult]) -> str
 @click.option("--data-root", default=None, type=click.Path(file_okay=False))
 @click.option("--dataset-option", "dataset_options", multiple=True, help="Dataset option key=value.")
 @click.option("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available).")
+@click.option(
+    "--ddp",
+    "ddp_devices",
+    default=None,
+    help="Instead: full-precision training images/s with DistributedDataParallel on these devices "
+    "(cuda:0,cuda:1; cpu,cpu for gloo) against the first one alone, --batch-size per device.",
+)
 @click.option(
     "--json",
     "json_path",
@@ -426,8 +641,12 @@ def bench(
     steps,
     warmup,
     compiled,
+    cudagraphs,
     eager,
     compile_backend,
+    fused,
+    fused_both,
+    peers,
     amp,
     channels_last,
     options,
@@ -436,25 +655,31 @@ def bench(
     data_root,
     dataset_options,
     device,
+    ddp_devices,
     json_path,
 ) -> None:
     """Time training steps of a model under quantization methods against full precision."""
     import torch
+
+    if ddp_devices is not None:
+        return _bench_ddp(model_name, ddp_devices, batch_size, image_size, num_classes, steps, warmup, json_path)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QbenchError("CUDA is not available on this machine", "--device")
     if compiled is None:
         compiled = dev.type == "cuda"
-    modes = tuple(m for m, on in (("eager", eager), ("compiled", compiled)) if on)
+    modes = tuple(m for m, on in zip(MODES, (eager, compiled, cudagraphs), strict=True) if on)
     if not modes:
-        raise QbenchError("nothing to time: both --no-eager and --no-compile", "--eager")
+        raise QbenchError("nothing to time: --no-eager without --compile or --cudagraphs", "--eager")
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise QbenchError("--steps and --batch-size must be positive, --warmup not negative", "--steps")
-    from qbench.methods import METHODS
+    names = expand_methods(methods)
+    from .peers import require_peer
 
-    for m in methods:
-        METHODS.get(m, "--method")
+    peers = tuple(dict.fromkeys(peers))
+    for p in peers:
+        require_peer(p)
     native_size, native_channels = NATIVE.get(model_name, (224, 3))
     image_size = image_size or native_size
     in_channels = in_channels or native_channels
@@ -466,10 +691,12 @@ def bench(
         image_size=image_size,
         num_classes=num_classes,
         in_channels=in_channels,
-        methods=[(m, *parse_bits(b)) for m in methods for b in bits],
+        methods=[(m, *parse_bits(b)) for m in names for b in bits],
         method_options=parse_option_pairs(options, "--option"),
         model_options=parse_option_pairs(model_options, "--model-option"),
         modes=modes,
+        fused=(True, False) if fused_both else (fused,),
+        peers=peers,
         steps=steps,
         warmup=warmup,
         amp=amp,
@@ -483,13 +710,55 @@ def bench(
 
     MODELS.get(model_name, "--model")
     env = environment(dev)
-    results = run_bench(cfg, dev, log=lambda s: click.echo(s, err=True))
-    click.echo(format_table(cfg, env, results))
+    notes: list[str] = []
+    results = run_bench(cfg, dev, log=lambda s: click.echo(s, err=True), notes=notes)
+    click.echo(format_table(cfg, env, results, notes))
     if json_path:
         record = {
             "environment": env,
             "config": asdict(cfg),
+            "notes": notes,
             "results": [asdict(r) for r in results],
         }
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(record, indent=2, default=str))
+
+
+def _bench_ddp(model_name, ddp_devices, batch_size, image_size, num_classes, steps, warmup, json_path) -> None:
+    """``qbench bench --ddp cuda:0,cuda:1``: training images per second of the full-precision
+    model on the first device alone and with DDP on all of them (same process count per
+    device, same per-device batch, synthetic data), and their ratio (the speed-up; 2.0 is
+    perfect scaling on two devices)."""
+    from .ddp import ddp_images_per_second
+    from .models import MODELS
+    from .plan import check_devices
+
+    MODELS.get(model_name, "--model")
+    devices = check_devices(ddp_devices.split(","), "--ddp")
+    if len(devices) < 2:
+        raise QbenchError("--ddp needs at least two devices (e.g. cuda:0,cuda:1)", "--ddp")
+    native_size, native_channels = NATIVE.get(model_name, (224, 3))
+    size = image_size or native_size
+    kw = dict(
+        model_name=model_name,
+        image_size=size,
+        batch_per_gpu=batch_size,
+        steps=steps,
+        warmup=warmup,
+        num_classes=num_classes or (1000 if size >= 64 else 10),
+        in_channels=native_channels,
+    )
+    one = ddp_images_per_second(devices=devices[:1], **kw)
+    many = ddp_images_per_second(devices=devices, **kw)
+    rows = [("1 device", devices[0], one, 1.0), (f"DDP x{len(devices)}", ",".join(devices), many, many / one)]
+    click.echo(f"{model_name} at {size}, batch {batch_size} per device, {steps} timed steps after {warmup}")
+    click.echo(f"{'run':<10} {'devices':<28} {'images/s':>10} {'speed-up':>9}")
+    for name, devs, ips, up in rows:
+        click.echo(f"{name:<10} {devs:<28} {ips:>10.1f} {up:>8.2f}x")
+    if json_path:
+        import torch
+
+        record = {"environment": environment(torch.device(devices[0])), "config": kw, "devices": devices}
+        record["results"] = [{"run": n, "devices": d, "images_per_s": i, "speedup": u} for n, d, i, u in rows]
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(record, indent=2, default=str))

@@ -108,3 +108,154 @@ def test_bench_rejects_bad_input():
     assert res.exit_code == 2 and "did you mean" in res.output
     res = runner.invoke(cli, ["bench", "--method", "lsqq", "--device", "cpu"])
     assert res.exit_code == 2 and "unknown method" in res.output
+
+
+def _bench_json(tmp_path, *args: str) -> dict:
+    out = tmp_path / "bench.json"
+    base = ["bench", "--model", "small_cnn", "--batch-size", "8", "--steps", "1", "--warmup", "1", "--device", "cpu"]
+    res = CliRunner().invoke(cli, [*base, *args, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text())
+
+
+def test_bench_covers_every_registered_method(tmp_path):
+    """``--method all``: every method times a step, or is skipped with a one-line reason; APoT
+    (whose own parameter groups once met a recipe without weight_decay) times one."""
+    from qbench.methods import METHODS
+
+    rec = _bench_json(tmp_path, "--method", "all", "--bits", "W4A4")
+    rows = rec["results"]
+    assert rows[0]["method"] == "fp32"
+    assert sorted(r["method"] for r in rows[1:]) == [m for m in METHODS.names() if m != "fp32"]
+    for r in rows:
+        assert r["error"] == "", r
+        assert r["step_ms"] > 0 or (r["skipped"] and "\n" not in r["skipped"]), r
+    by = {r["method"]: r for r in rows}
+    assert by["apot"]["label"] == "apot W4A4" and by["apot"]["step_ms"] > 0 and not by["apot"]["skipped"]
+    # a method without W4A4 runs at its nearest widths and says so
+    assert by["xnor"]["label"] == "xnor W1A1" and "W4A4 unsupported" in by["xnor"]["note"]
+    assert by["bayesian_bits"]["label"] == "bayesian_bits W4A8"
+    # Bi-Real needs its own model family (sign of a ReLU output is always +1)
+    assert by["bireal"]["skipped"] and "ReLU" in by["bireal"]["skipped"]
+    assert "runner step only" in by["pqf"]["note"]
+
+
+def test_bench_method_lists_and_unknown_names():
+    from qbench.harness.bench import expand_methods
+
+    assert expand_methods(("lsq,apot", "lsq", " pact ")) == ["lsq", "apot", "pact"]
+    res = CliRunner().invoke(cli, ["bench", "--method", "lsq,apott", "--device", "cpu"])
+    assert res.exit_code == 2 and "did you mean 'apot'" in res.output
+
+
+def test_bench_fused_both_times_each_path(tmp_path, monkeypatch):
+    """``--fused-both`` builds each quantized row twice, with set_fused(True) and (False), and
+    puts the fused row against the reference one (forced here: the CPU has no fused kernels)."""
+    import qbench.harness.bench as bench_mod
+    import qbench.methods.modules as modules
+
+    monkeypatch.setattr(bench_mod, "fused_kernels_apply", lambda device: True)
+    flags = []
+    real = modules.set_fused
+
+    def spy(model, enabled):
+        flags.append(enabled)
+        real(model, enabled)
+        assert all(q.fused is enabled for q in model.modules() if isinstance(q, modules.Quantizer))
+        return model
+
+    monkeypatch.setattr(modules, "set_fused", spy)
+    rec = _bench_json(tmp_path, "--method", "lsq", "--fused-both")
+    rows = [(r["label"], r["path"]) for r in rec["results"]]
+    assert rows == [("fp32", "-"), ("lsq W4A4", "fused"), ("lsq W4A4", "ref")]
+    assert flags == [True, False]
+    fp, fused, ref = rec["results"]
+    assert fused["x_ref"] == pytest.approx(fused["step_ms"] / ref["step_ms"])
+    assert ref["x_ref"] is None and fp["x_ref"] is None
+
+
+def test_bench_on_cpu_notes_what_it_leaves_out(tmp_path):
+    """The CPU has neither fused kernels nor CUDA graphs: one reference row per config, a note
+    for each, and no cudagraphs rows."""
+    rec = _bench_json(tmp_path, "--method", "lsq", "--fused-both", "--cudagraphs")
+    assert [(r["label"], r["path"], r["mode"]) for r in rec["results"]] == [
+        ("fp32", "-", "eager"),
+        ("lsq W4A4", "ref", "eager"),
+    ]
+    assert any("cudagraphs" in n for n in rec["notes"]) and any("fused" in n for n in rec["notes"])
+
+
+def test_bench_cudagraphs_alone_on_cpu_times_nothing_but_says_why():
+    res = CliRunner().invoke(
+        cli, ["bench", "--model", "small_cnn", "--no-eager", "--cudagraphs", "--steps", "1", "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "cudagraphs: skipped" in res.output
+
+
+def test_bench_peer_torchao_same_layers_same_bits(tmp_path):
+    """The torchao row: the same model and layers as LSQ's (first and last at 8 bits), torchao's
+    fake-quantizers in place of ours, timed beside it."""
+    pytest.importorskip("torchao", reason="torchao (optional peer) is not installed")
+    from qbench.harness.models import create_model
+    from qbench.harness.peers import TorchaoFakeQuantizer, TorchaoQAT
+    from qbench.methods import get_method
+    from qbench.methods.modules import quant_layers
+
+    def layers(method):
+        model = method.prepare(create_model("resnet20", num_classes=10, in_channels=3, image_size=32), None)
+        return model, {n: (m.w_bits, m.a_bits) for n, m in quant_layers(model)}
+
+    peer, peer_layers = layers(TorchaoQAT(4, 4))
+    _, lsq_layers = layers(get_method("lsq")(4, 4))
+    assert peer_layers == lsq_layers and set(peer_layers.values()) == {(4, 4), (8, 8)}
+    assert all(isinstance(m.weight_quantizer, TorchaoFakeQuantizer) for _, m in quant_layers(peer))
+    rec = _bench_json(tmp_path, "--method", "lsq", "--bits", "W4A4", "--bits", "W2A2", "--peer", "torchao")
+    rows = {r["label"]: r for r in rec["results"]}
+    for label in ("torchao W4A4", "torchao W2A2"):
+        assert rows[label]["path"] == "torchao" and rows[label]["error"] == "" and rows[label]["step_ms"] > 0
+        assert rows[label]["x_fp"] == pytest.approx(rows[label]["step_ms"] / rows["fp32"]["step_ms"])
+    assert rec["environment"]["torchao"]
+
+
+def test_bench_peer_not_installed_is_one_line_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    res = CliRunner().invoke(cli, ["bench", "--model", "small_cnn", "--peer", "torchao", "--device", "cpu"])
+    assert res.exit_code == 2
+    assert "torchao is not installed" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_ddp_throughput_on_two_gloo_processes(tmp_path) -> None:
+    out = tmp_path / "ddp.json"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--model",
+            "small_cnn",
+            "--ddp",
+            "cpu,cpu",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["results"]
+    assert [r["run"] for r in rows] == ["1 device", "DDP x2"]
+    assert all(r["images_per_s"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    assert "speed-up" in res.output
+
+
+def test_ddp_needs_two_devices() -> None:
+    res = CliRunner().invoke(cli, ["bench", "--model", "small_cnn", "--ddp", "cpu"])
+    assert res.exit_code == 2 and "--ddp" in res.output
