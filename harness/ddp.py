@@ -35,11 +35,11 @@ process to fail fails the cell with its error; the others are stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -59,6 +59,7 @@ from torch import nn
 
 from .errors import QbenchError
 from .fit import Replicas
+from .suite import Cell
 
 #: DDP finds the parameters a forward did not use (a method's gates, a frozen branch)
 #: instead of waiting for their gradients forever; it costs one walk of the graph per step
@@ -353,6 +354,30 @@ def _synchronize(device: torch.device) -> None:
 
 # -- the processes -----------------------------------------------------------------------
 
+
+def _encode(obj: Any) -> dict:
+    """The launcher's objects as JSON for the processes (no pickle crosses a file): a
+    :class:`Cell` and a :class:`RunContext` by their fields."""
+    from .runner import RunContext
+
+    if isinstance(obj, Cell):
+        return {"__cell__": dataclasses.asdict(obj)}
+    if isinstance(obj, RunContext):
+        return {"__run_context__": {**dataclasses.asdict(obj), "out_dir": str(obj.out_dir)}}
+    raise TypeError(f"{type(obj).__name__} cannot be handed to a DDP process")
+
+
+def _decode(d: dict) -> Any:
+    from .runner import RunContext
+
+    if "__cell__" in d:
+        return Cell(**d["__cell__"])
+    if "__run_context__" in d:
+        f = d["__run_context__"]
+        return RunContext(**{**f, "out_dir": Path(f["out_dir"]), "devices": tuple(f["devices"])})
+    return d
+
+
 _TARGETS = {"cell": _cell, "throughput": _throughput}
 
 
@@ -367,14 +392,14 @@ def launch(target: str, args: dict, devices: list[str], report: Callable[..., No
     folder = Path(tempfile.mkdtemp(prefix="qbench-ddp-"))
     spec = {"target": target, "args": args, "devices": devices, "backend": backend, "port": store.port}
     spec.update(folder=str(folder), parent=os.getpid())
-    (folder / "spec.pkl").write_bytes(pickle.dumps(spec))
+    (folder / "spec.json").write_text(json.dumps(spec, default=_encode))
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(world):
             with open(folder / f"rank{rank}.log", "wb") as log:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", __name__, str(folder / "spec.pkl"), str(rank)],
+                        [sys.executable, "-m", __name__, str(folder / "spec.json"), str(rank)],
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -390,7 +415,7 @@ def launch(target: str, args: dict, devices: list[str], report: Callable[..., No
                 break
             time.sleep(0.1)
         events.forward()
-        return pickle.loads((folder / "result.pkl").read_bytes())
+        return json.loads((folder / "result.json").read_text())
     finally:
         _stop(procs)
         del store
@@ -470,7 +495,7 @@ def _watch_parent(parent: int) -> None:
 def _main(spec_path: str, rank: int) -> int:
     """One process: join the group, run the target, leave the result or the error in the
     launcher's folder. Returns the exit status."""
-    spec = pickle.loads(Path(spec_path).read_bytes())
+    spec = json.loads(Path(spec_path).read_text(), object_hook=_decode)
     folder = Path(spec["folder"])
     _watch_parent(spec["parent"])
     signal.signal(signal.SIGTERM, _interrupted)
@@ -493,9 +518,9 @@ def _main(spec_path: str, rank: int) -> int:
         )
         result = _TARGETS[spec["target"]](rank, world, device, folder, **spec["args"])
         if rank == 0:
-            tmp = folder / "result.pkl.tmp"
-            tmp.write_bytes(pickle.dumps(result))
-            os.replace(tmp, folder / "result.pkl")
+            tmp = folder / "result.json.tmp"
+            tmp.write_text(json.dumps(result))
+            os.replace(tmp, folder / "result.json")
         dist.barrier()  # leave the group together: one leaving while another works can abort it
         dist.destroy_process_group()
         return 0
