@@ -218,6 +218,48 @@ def project(x: torch.Tensor, levels: torch.Tensor, thresholds: torch.Tensor) -> 
 # --- the quantization function with the official gradients -------------------------------
 
 
+def apot_project(x, alpha, levels, thresholds, signed: bool, n_uniform: int, lower_clip: bool):
+    """The forward pass of :class:`_APoTFunction` before the rescaling by alpha: returns
+    ``u = x / alpha`` and its level ``q`` (float32, signed for weights)."""
+    u = x.float() / alpha.float()
+    if signed:
+        c = u.clamp(-1.0, 1.0)
+    elif lower_clip:
+        c = u.clamp(0.0, 1.0)  # ImageNet code: data.clamp(0, 1)
+    else:
+        c = u.clamp(max=1.0)  # CIFAR code: input.clamp(max=1)
+    mag = c.abs() if signed else c
+    if n_uniform:
+        q = (mag * n_uniform).round() / n_uniform
+    else:
+        q = project(mag, levels, thresholds)
+    if signed:
+        q = q * c.sign()
+    return u, q
+
+
+def apot_grads(g, u, q, signed: bool, clip_x_grad: bool, lower_clip: bool, need_x: bool = True):
+    """The official gradients of :class:`_APoTFunction` from ``u`` and ``q``
+    (:func:`apot_project`): (dL/dx, dL/dalpha), both float32, before ``grad_scale``; dL/dx
+    may be ``g`` itself (no clipping of the input's gradient), and is None unless
+    ``need_x``."""
+    g32 = g.float()
+    if signed:
+        outside = u.abs() > 1
+        d_alpha = torch.where(outside, u.sign(), q - u)
+    else:
+        outside = u > 1
+        d_alpha = torch.where(outside, torch.ones_like(u), q - u)
+        if lower_clip:
+            below = u < 0
+            d_alpha = torch.where(below, torch.zeros_like(u), d_alpha)
+            outside = outside | below
+    g_x = None
+    if need_x:
+        g_x = g32.masked_fill(outside, 0.0) if (clip_x_grad or not signed) else g32
+    return g_x, (g32 * d_alpha).sum()
+
+
 class _APoTFunction(torch.autograd.Function):
     """``x_q = alpha * P(clip(x / alpha))`` with the official gradients (see the module doc).
 
@@ -236,20 +278,7 @@ class _APoTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, levels, thresholds, signed, n_uniform, clip_x_grad, lower_clip, grad_scale):
         dtype = x.dtype
-        u = x.float() / alpha.float()
-        if signed:
-            c = u.clamp(-1.0, 1.0)
-        elif lower_clip:
-            c = u.clamp(0.0, 1.0)  # ImageNet code: data.clamp(0, 1)
-        else:
-            c = u.clamp(max=1.0)  # CIFAR code: input.clamp(max=1)
-        mag = c.abs() if signed else c
-        if n_uniform:
-            q = (mag * n_uniform).round() / n_uniform
-        else:
-            q = project(mag, levels, thresholds)
-        if signed:
-            q = q * c.sign()
+        u, q = apot_project(x, alpha, levels, thresholds, signed, n_uniform, lower_clip)
         ctx.save_for_backward(u, q)
         ctx.cfg = (signed, clip_x_grad, lower_clip, grad_scale, dtype, alpha.dtype)
         return (q * alpha.float()).to(dtype)
@@ -258,24 +287,10 @@ class _APoTFunction(torch.autograd.Function):
     def backward(ctx, g):
         u, q = ctx.saved_tensors
         signed, clip_x_grad, lower_clip, grad_scale, dtype, adtype = ctx.cfg
-        g32 = g.float()
-        if signed:
-            outside = u.abs() > 1
-            d_alpha = torch.where(outside, u.sign(), q - u)
-        else:
-            outside = u > 1
-            d_alpha = torch.where(outside, torch.ones_like(u), q - u)
-            if lower_clip:
-                below = u < 0
-                d_alpha = torch.where(below, torch.zeros_like(u), d_alpha)
-                outside = outside | below
-        g_alpha = (g32 * d_alpha).sum()
+        g_x, g_alpha = apot_grads(g, u, q, signed, clip_x_grad, lower_clip, ctx.needs_input_grad[0])
         if grad_scale:
             g_alpha = g_alpha * grad_scale
-        g_x = None
-        if ctx.needs_input_grad[0]:
-            g_x = g32.masked_fill(outside, 0.0) if (clip_x_grad or not signed) else g32
-            g_x = g_x.to(dtype)
+        g_x = g_x.to(dtype) if g_x is not None else None
         return g_x, g_alpha.to(adtype), None, None, None, None, None, None, None
 
 

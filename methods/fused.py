@@ -716,31 +716,12 @@ def apot_backward(
     """``_APoTFunction.backward`` before ``grad_scale`` and the cast to alpha's dtype,
     recomputing ``u = x / alpha`` and the level from the saved input: (dL/dx, float32
     dL/dalpha)."""
-    from .apot import project
+    from .apot import apot_grads, apot_project
 
-    u = x.float() / alpha.float()
-    if signed:
-        c = u.clamp(-1.0, 1.0)
-    elif lower_clip:
-        c = u.clamp(0.0, 1.0)
-    else:
-        c = u.clamp(max=1.0)
-    mag = c.abs() if signed else c
-    q = (mag * n_uniform).round() / n_uniform if n_uniform else project(mag, levels, thresholds)
-    g32 = grad.float()
-    if signed:
-        q = q * c.sign()
-        outside = u.abs() > 1
-        d_alpha = torch.where(outside, u.sign(), q - u)
-    else:
-        outside = u > 1
-        d_alpha = torch.where(outside, torch.ones_like(u), q - u)
-        if lower_clip:
-            below = u < 0
-            d_alpha = torch.where(below, torch.zeros_like(u), d_alpha)
-            outside = outside | below
-    g_x = g32.masked_fill(outside, 0.0) if (clip_x_grad or not signed) else g32.clone()
-    return g_x.to(grad.dtype), (g32 * d_alpha).sum()
+    u, q = apot_project(x, alpha, levels, thresholds, signed, n_uniform, lower_clip)
+    g_x, g_alpha = apot_grads(grad, u, q, signed, clip_x_grad, lower_clip)
+    # a custom op's output must not alias its input (g_x is ``grad`` itself when unclipped)
+    return g_x.to(grad.dtype, copy=True), g_alpha
 
 
 @apot_backward.register_fake
