@@ -661,8 +661,16 @@ def bench(
     """Time training steps of a model under quantization methods against full precision."""
     import torch
 
+    if steps < 1 or warmup < 0 or batch_size < 1:
+        raise QbenchError("--steps and --batch-size must be positive, --warmup not negative", "--steps")
+    native_size, native_channels = NATIVE.get(model_name, (224, 3))
+    image_size = image_size or native_size
+    in_channels = in_channels or native_channels
+    if num_classes is None:
+        num_classes = 1000 if image_size >= 64 else 10
     if ddp_devices is not None:
-        return _bench_ddp(model_name, ddp_devices, batch_size, image_size, num_classes, steps, warmup, json_path)
+        shape = (image_size, in_channels, num_classes)
+        return _bench_ddp(model_name, ddp_devices, batch_size, *shape, steps, warmup, json_path)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -672,19 +680,12 @@ def bench(
     modes = tuple(m for m, on in zip(MODES, (eager, compiled, cudagraphs), strict=True) if on)
     if not modes:
         raise QbenchError("nothing to time: --no-eager without --compile or --cudagraphs", "--eager")
-    if steps < 1 or warmup < 0 or batch_size < 1:
-        raise QbenchError("--steps and --batch-size must be positive, --warmup not negative", "--steps")
     names = expand_methods(methods)
     from .peers import require_peer
 
     peers = tuple(dict.fromkeys(peers))
     for p in peers:
         require_peer(p)
-    native_size, native_channels = NATIVE.get(model_name, (224, 3))
-    image_size = image_size or native_size
-    in_channels = in_channels or native_channels
-    if num_classes is None:
-        num_classes = 1000 if image_size >= 64 else 10
     cfg = BenchConfig(
         model=model_name,
         batch_size=batch_size,
@@ -724,7 +725,7 @@ def bench(
         Path(json_path).write_text(json.dumps(record, indent=2, default=str))
 
 
-def _bench_ddp(model_name, ddp_devices, batch_size, image_size, num_classes, steps, warmup, json_path) -> None:
+def _bench_ddp(model_name, ddp_devices, batch_size, size, in_channels, num_classes, steps, warmup, json_path) -> None:
     """``qbench bench --ddp cuda:0,cuda:1``: training images per second of the full-precision
     model on the first device alone and with DDP on all of them (same process count per
     device, same per-device batch, synthetic data), and their ratio (the speed-up; 2.0 is
@@ -737,16 +738,14 @@ def _bench_ddp(model_name, ddp_devices, batch_size, image_size, num_classes, ste
     devices = check_devices(ddp_devices.split(","), "--ddp")
     if len(devices) < 2:
         raise QbenchError("--ddp needs at least two devices (e.g. cuda:0,cuda:1)", "--ddp")
-    native_size, native_channels = NATIVE.get(model_name, (224, 3))
-    size = image_size or native_size
     kw = dict(
         model_name=model_name,
         image_size=size,
         batch_per_gpu=batch_size,
         steps=steps,
         warmup=warmup,
-        num_classes=num_classes or (1000 if size >= 64 else 10),
-        in_channels=native_channels,
+        num_classes=num_classes,
+        in_channels=in_channels,
     )
     one = ddp_images_per_second(devices=devices[:1], **kw)
     many = ddp_images_per_second(devices=devices, **kw)
