@@ -211,7 +211,7 @@ def environment(device) -> dict:
 
 def fused_kernels_apply(device) -> bool:
     """Whether the quantizers' ``fused`` flag changes anything on ``device``: CUDA, with the
-    kernels enabled (``QBENCH_FUSED=1`` until they are verified on a GPU; methods/fused.py)."""
+    kernels enabled (the default; ``QBENCH_FUSED=0`` turns them off; methods/fused.py)."""
     from qbench.methods import fused
 
     return device.type == "cuda" and fused.CUDA_ENABLED and fused.HAS_TRITON
@@ -228,7 +228,7 @@ def plan(cfg: BenchConfig, device) -> tuple[tuple[str, ...], list[_Case], list[s
     if not fused_kernels_apply(device) and True in paths:
         paths = (False,)
         notes.append(
-            "fused kernels: CUDA only, opt-in with QBENCH_FUSED=1 (and triton): every row uses the reference functions"
+            "fused kernels: CUDA with triton only (and not QBENCH_FUSED=0): every row uses the reference functions"
         )
     cases = [_Case("fp32", "fp32", 32, 32)]
     seen = set()
@@ -670,7 +670,7 @@ def bench(
         num_classes = 1000 if image_size >= 64 else 10
     if ddp_devices is not None:
         shape = (image_size, in_channels, num_classes)
-        return _bench_ddp(model_name, ddp_devices, batch_size, *shape, steps, warmup, json_path)
+        return _bench_ddp(model_name, ddp_devices, batch_size, *shape, steps, warmup, json_path, compiled, eager)
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -725,12 +725,15 @@ def bench(
         Path(json_path).write_text(json.dumps(record, indent=2, default=str))
 
 
-def _bench_ddp(model_name, ddp_devices, batch_size, size, in_channels, num_classes, steps, warmup, json_path) -> None:
+def _bench_ddp(
+    model_name, ddp_devices, batch_size, size, in_channels, num_classes, steps, warmup, json_path, compiled, eager
+) -> None:
     """``qbench bench --ddp cuda:0,cuda:1``: training images per second of the full-precision
     model on the first device alone and with DDP on all of them (same process count per
     device, same per-device batch, synthetic data), and their ratio (the speed-up; 2.0 is
-    perfect scaling on two devices)."""
-    from .ddp import ddp_images_per_second
+    perfect scaling on two devices); eager and (on CUDA, by default) compiled, each as a
+    cell trains, and eager also without DDP's unused-parameter search (a cell's setting)."""
+    from .ddp import FIND_UNUSED, ddp_images_per_second
     from .models import MODELS
     from .plan import check_devices
 
@@ -738,6 +741,12 @@ def _bench_ddp(model_name, ddp_devices, batch_size, size, in_channels, num_class
     devices = check_devices(ddp_devices.split(","), "--ddp")
     if len(devices) < 2:
         raise QbenchError("--ddp needs at least two devices (e.g. cuda:0,cuda:1)", "--ddp")
+    on_cuda = devices[0].startswith("cuda")
+    modes = [m for m, on in (("eager", eager), ("compiled", on_cuda if compiled is None else compiled)) if on]
+    if not modes:
+        raise QbenchError("nothing to time: --no-eager without --compile", "--eager")
+    if "compiled" in modes and not on_cuda:
+        raise QbenchError("--compile with --ddp needs CUDA devices", "--compile")
     kw = dict(
         model_name=model_name,
         image_size=size,
@@ -747,17 +756,26 @@ def _bench_ddp(model_name, ddp_devices, batch_size, size, in_channels, num_class
         num_classes=num_classes,
         in_channels=in_channels,
     )
-    one = ddp_images_per_second(devices=devices[:1], **kw)
-    many = ddp_images_per_second(devices=devices, **kw)
-    rows = [("1 device", devices[0], one, 1.0), (f"DDP x{len(devices)}", ",".join(devices), many, many / one)]
+    rows = []
+    for mode in modes:
+        one = ddp_images_per_second(devices=devices[:1], compile=mode == "compiled", **kw)
+        rows.append((mode, "1 device", devices[0], one, 1.0))
+        variants = [(f"DDP x{len(devices)}", FIND_UNUSED)]
+        if mode == "eager" and FIND_UNUSED:
+            variants.append((f"DDP x{len(devices)}, no unused search", False))
+        for name, find_unused in variants:
+            many = ddp_images_per_second(devices=devices, compile=mode == "compiled", find_unused=find_unused, **kw)
+            rows.append((mode, name, ",".join(devices), many, many / one))
     click.echo(f"{model_name} at {size}, batch {batch_size} per device, {steps} timed steps after {warmup}")
-    click.echo(f"{'run':<10} {'devices':<28} {'images/s':>10} {'speed-up':>9}")
-    for name, devs, ips, up in rows:
-        click.echo(f"{name:<10} {devs:<28} {ips:>10.1f} {up:>8.2f}x")
+    click.echo(f"{'mode':<9} {'run':<28} {'devices':<24} {'images/s':>10} {'speed-up':>9}")
+    for mode, name, devs, ips, up in rows:
+        click.echo(f"{mode:<9} {name:<28} {devs:<24} {ips:>10.1f} {up:>8.2f}x")
     if json_path:
         import torch
 
         record = {"environment": environment(torch.device(devices[0])), "config": kw, "devices": devices}
-        record["results"] = [{"run": n, "devices": d, "images_per_s": i, "speedup": u} for n, d, i, u in rows]
+        record["results"] = [
+            {"mode": m, "run": n, "devices": d, "images_per_s": i, "speedup": u} for m, n, d, i, u in rows
+        ]
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(record, indent=2, default=str))

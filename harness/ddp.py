@@ -80,8 +80,9 @@ class DDPReplicas(Replicas):
     """``world`` processes training one cell with DistributedDataParallel; this is process
     ``rank``, training on ``device`` (see the module docstring)."""
 
-    def __init__(self, rank: int, world: int, device: torch.device):
+    def __init__(self, rank: int, world: int, device: torch.device, find_unused: bool = FIND_UNUSED):
         self.rank, self.world, self.device = rank, world, torch.device(device)
+        self.find_unused = find_unused
         self._uninitialised = False
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -95,7 +96,7 @@ class DDPReplicas(Replicas):
         # buffers from the first process before every forward (the key was renamed in torch 2.14)
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": True}
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=FIND_UNUSED, **sync)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.find_unused, **sync)
 
     def shard(self, split):
         return Shard(split, self.rank, self.world)
@@ -284,13 +285,17 @@ def ddp_images_per_second(
     devices: list[str] | None = None,
     num_classes: int = 1000,
     in_channels: int = 3,
+    compile: bool = False,
+    find_unused: bool = FIND_UNUSED,
 ) -> float:
     """Training images per second of ``model_name`` on ``devices`` (default: every visible
     GPU), one process each, with the cell's training step (bf16 autocast and channels_last
     on CUDA, SGD) on synthetic data made on the device; DDP when there are several devices,
     the plain model on one. ``warmup`` steps are not timed; the ``steps`` after them are,
     with one synchronisation at each end, and the slowest process sets the pace. On the CPU
-    (``devices=["cpu", "cpu"]``) it runs with gloo."""
+    (``devices=["cpu", "cpu"]``) it runs with gloo. ``compile``: the step under
+    ``torch.compile`` as a cell with ``compile: true`` (CUDA only); ``find_unused``: DDP's
+    search for parameters a forward did not use (a cell's setting, :data:`FIND_UNUSED`)."""
     if devices is None:
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     args = dict(
@@ -301,6 +306,8 @@ def ddp_images_per_second(
         warmup=warmup,
         num_classes=num_classes,
         in_channels=in_channels,
+        compile=compile,
+        find_unused=find_unused,
     )
     return float(launch("throughput", args, list(devices)))
 
@@ -317,18 +324,21 @@ def _throughput(
     warmup: int,
     num_classes: int,
     in_channels: int,
+    compile: bool,
+    find_unused: bool,
 ) -> float:
     from qbench.methods.recipe import Recipe
 
+    from .fit import compiled
     from .models import create_model
     from .train import default_param_groups, make_optimizer, make_train_step
 
     torch.manual_seed(0)
-    r = Recipe(batch_size=batch_per_gpu * world)
+    r = Recipe(batch_size=batch_per_gpu * world, compile=compile)
     cl = r.channels_last and device.type == "cuda"
     model = create_model(model_name, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     model = model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format).train()
-    net = (DDPReplicas(rank, world, device) if world > 1 else Replicas()).wrap(model)
+    net = compiled((DDPReplicas(rank, world, device, find_unused) if world > 1 else Replicas()).wrap(model), r, device)
     opt = make_optimizer(default_param_groups(model, r.weight_decay, r.wd_on), r)
     step = make_train_step(model, opt, r, device, forward=net)
     x = torch.randn(batch_per_gpu, in_channels, image_size, image_size, device=device)

@@ -26,7 +26,9 @@ def aggregate(suite: Suite, results: list[CellResult]) -> list[dict]:
     groups: dict[tuple, list] = defaultdict(list)
     for c in suite.cells:
         key, label = TASK_METRIC.get(getattr(c, "task", "classification"), TASK_METRIC["classification"])
-        groups[(c.dataset, c.model, c.method, c.bits_label, key, label)].append(by_id.get(c.id))
+        # a cell kept on the reference functions (``fused: false``) is its own row
+        method = c.method if c.recipe.get("fused", True) else f"{c.method} (fused: false)"
+        groups[(c.dataset, c.model, method, c.bits_label, key, label)].append(by_id.get(c.id))
     rows = []
     for (d, m, meth, bits, key, label), res in groups.items():
         ok = [r.metrics for r in res if r is not None and r.status in ("done", "skipped") and key in r.metrics]

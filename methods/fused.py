@@ -71,12 +71,11 @@ except Exception:  # not installed, or a broken install: the reference path is t
 
 HAS_TRITON = triton is not None
 
-#: The CUDA kernels are opt-in (``QBENCH_FUSED=1`` in the environment, or this flag) until
-#: their CUDA tests pass on a GPU: the first GPU run (one H200, 2026-11-28) stopped at its
-#: first case, ``apot_act_cifar`` float32, which differed from the reference, and the other
-#: cases have not run on a GPU yet. Until then every quantizer takes the reference functions
-#: on CUDA too (what ``recipe: {fused: false}`` asks for), so no result depends on them.
-CUDA_ENABLED = os.environ.get("QBENCH_FUSED", "") == "1"
+#: The CUDA kernels are the default on CUDA (with triton installed); ``QBENCH_FUSED=0`` in
+#: the environment, this flag, or ``recipe: {fused: false}`` for one cell keeps the reference
+#: functions. Their CUDA tests (tests/test_fused.py, every case in float32 and bf16, eager
+#: and compiled) passed on an H200 on 2026-11-28 (docs/benchmarks.md).
+CUDA_ENABLED = os.environ.get("QBENCH_FUSED", "1") != "0"
 
 #: dtypes the kernels handle (others take the reference path)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -128,8 +127,9 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _like(g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """The incoming gradient laid out as the saved tensor ``ref`` (same flat order)."""
-    return g if g.stride() == ref.stride() else torch.empty_like(ref).copy_(g)
+    """The incoming gradient laid out as the saved tensor ``ref`` (same flat order; ``ref``
+    may be a uint8 mask: the copy keeps the gradient's dtype)."""
+    return g if g.stride() == ref.stride() else torch.empty_like(ref, dtype=g.dtype).copy_(g)
 
 
 def _grid(n: int) -> tuple[int]:

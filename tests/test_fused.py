@@ -4,7 +4,10 @@ Every case runs one quantizer module twice on the same inputs: once on the refer
 (``set_fused(q, False)``), once on the fused ops. Forward values must be equal bit for bit
 (compared as integers, so -0 and +0 differ), input gradients too; the step / clipping-level
 gradients, the only reductions, may differ by summation order: within ``ULPS`` units in
-the last place of the gradient's dtype at the reference's magnitude.
+the last place of the input's dtype (the precision the terms were summed and rounded in)
+at the reference's magnitude, or, where the two sums differ by more, within the error
+bound of a float32 tree sum, ``ceil(log2 n) * 2^-24 * sum |t_i|`` for each side, with the
+reference path's own per-element terms ``t_i`` (one backward per input element).
 
 * On the CPU the fused ops run their torch implementations (the quantizers only take them
   on CUDA, so ``fused.supported`` is patched to say yes).
@@ -16,6 +19,7 @@ the last place of the gradient's dtype at the reference's magnitude.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -33,10 +37,8 @@ from qbench.methods.uniform import MinMaxAct, MinMaxWeight
 from torch import nn
 
 #: allowed difference of a reduced gradient (step, alpha): ``ULPS`` units in the last place
-#: of its dtype, or ``RTOL`` of its value (float32 sums of a few hundred terms that cancel,
-#: added in another order)
+#: of the input's dtype, else the summation bound (module docstring)
 ULPS = 2
-RTOL = 1e-5
 CHILD = os.environ.get("QBENCH_FUSED_INTERPRETER") == "1"
 CUDA = torch.cuda.is_available()
 DTYPES = (torch.float32, torch.bfloat16)
@@ -139,12 +141,22 @@ def _input(case: str, dtype: torch.dtype, device: str) -> torch.Tensor:
     return x.to(device).requires_grad_()
 
 
-def _run(q: nn.Module, x: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _strided(g: torch.Tensor) -> torch.Tensor:
+    """The same values in another memory layout (what a transpose or channels_last conv
+    hands back), so the kernels must re-lay the gradient out as their saved tensors."""
+    if g.dim() == 4:
+        return g.contiguous(memory_format=torch.channels_last)
+    return g.t().contiguous().t()
+
+
+def _run(
+    q: nn.Module, x: torch.Tensor, enabled: bool, strided: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     set_fused(q, enabled)
     x = x.detach().clone().requires_grad_()
     out = q(x)
     g = _values(out.numel(), 7).reshape(out.shape).to(out.dtype).to(out.device)
-    out.backward(g)
+    out.backward(_strided(g) if strided else g)
     grads = {n: p.grad.clone() for n, p in q.named_parameters() if p.grad is not None}
     return out.detach(), x.grad, grads
 
@@ -164,25 +176,63 @@ def _assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
         )
 
 
-def _ulp(t: torch.Tensor) -> torch.Tensor:
-    a = t.detach().abs().float()
-    return (a.to(t.dtype).nextafter(torch.tensor(float("inf"), dtype=t.dtype)).float() - a).clamp_min(1e-30)
+def _assert_standardised_grad(a: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """APoT standardises the weight, ``(W - mean) / std`` in torch: the input gradient
+    passes through that backward's two means, reductions whose order follows the memory
+    layout and the compiler, so two runs may differ within a float32 tree sum's bound."""
+    bound = 4 * math.ceil(math.log2(ref.numel())) * 2.0**-24 * ref.abs().max()
+    diff = (a - ref).abs().max()
+    assert diff <= bound, f"{what}: max |diff| {diff} > {bound}"
 
 
-def compare(case: str, dtype: torch.dtype, device: str) -> None:
+def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of ``dtype`` at ``|t|``, in float32."""
+    a = t.detach().abs().to(dtype)
+    return (a.nextafter(torch.tensor(float("inf"), dtype=dtype, device=a.device)).float() - a.float()).clamp_min(1e-30)
+
+
+def _abs_terms(q: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``sum_i |t_i|`` of each reduced parameter gradient on the reference path, ``t_i`` the
+    term input element i adds (its backward alone, with the same output gradient)."""
+    set_fused(q, False)
+    x = x.detach().clone().requires_grad_()
+    out = q(x)
+    g = _values(out.numel(), 7).reshape(out.shape).to(out.dtype).to(out.device)
+    params = dict(q.named_parameters())
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    for i in range(out.numel()):
+        one = torch.zeros_like(g).view(-1)
+        one[i] = g.view(-1)[i]
+        grads = torch.autograd.grad(out, list(params.values()), one.view(g.shape), retain_graph=True, allow_unused=True)
+        for n, t in zip(params, grads, strict=True):
+            if t is not None:
+                total[n] += t.float().abs()
+    return total
+
+
+def compare(case: str, dtype: torch.dtype, device: str, strided: bool = False) -> None:
     make = CASES[case][0]
     q = make().to(device)
     x = _input(case, dtype, device)
-    ref_out, ref_gx, ref_gp = _run(q, x, False)
+    ref_out, ref_gx, ref_gp = _run(q, x, False, strided)
     q2 = make().to(device)
-    out, gx, gp = _run(q2, x, True)
+    out, gx, gp = _run(q2, x, True, strided)
     _assert_bitwise(out, ref_out, f"{case} {dtype} forward")
-    _assert_bitwise(gx, ref_gx, f"{case} {dtype} input gradient")
+    if strided and case.startswith("apot_weight"):  # the means summed in another layout
+        _assert_standardised_grad(gx, ref_gx, f"{case} {dtype} input gradient")
+    else:
+        _assert_bitwise(gx, ref_gx, f"{case} {dtype} input gradient")
     assert gp.keys() == ref_gp.keys()
+    terms = None
     for name, ref in ref_gp.items():
         diff = (gp[name].float() - ref.float()).abs()
-        assert bool((diff <= torch.maximum(ULPS * _ulp(ref), RTOL * ref.float().abs())).all()), (
-            f"{case} {dtype} d{name}: {gp[name]} vs {ref} (reference)"
+        if bool((diff <= ULPS * _ulp(ref, dtype)).all()):
+            continue
+        terms = terms if terms is not None else _abs_terms(make().to(device), x)
+        n = max(x.numel() // max(ref.numel(), 1), 2)
+        bound = 2 * math.ceil(math.log2(n)) * 2.0**-24 * terms[name] + ULPS * _ulp(ref, dtype)
+        assert bool((diff <= bound).all()), (
+            f"{case} {dtype} d{name}: {gp[name]} vs {ref} (reference), |diff| {diff} > bound {bound}"
         )
 
 
@@ -271,6 +321,14 @@ def test_interpreted_kernels_match_the_reference(triton_on_cpu, case, dtype):
     compare(case, dtype, "cpu")
 
 
+@pytest.mark.skipif(not CHILD, reason="runs in the interpreter child (test_triton_kernels_in_the_interpreter)")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_interpreted_kernels_take_a_strided_gradient(triton_on_cpu, case):
+    """A gradient laid out otherwise than the output (uniform's backward once failed on it:
+    the re-laid copy took its uint8 mask's dtype)."""
+    compare(case, torch.float32, "cpu", strided=True)
+
+
 # --- (c) on a GPU ---------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not CUDA or CHILD, reason="no CUDA device")
@@ -283,6 +341,8 @@ def test_cuda_fused_matches_the_reference(case, dtype, monkeypatch):
     monkeypatch.setattr(fused, "CUDA_ENABLED", True)
     assert fused.supported(torch.zeros(1, device="cuda")), "triton missing on the GPU machine"
     compare(case, dtype, "cuda")
+    if dtype == torch.float32:
+        compare(case, dtype, "cuda", strided=True)
 
 
 @needs_cuda
@@ -299,7 +359,10 @@ def test_cuda_compiled_without_graph_break(case, monkeypatch):
     out = compiled(x2)
     out.backward(_values(out.numel(), 7).reshape(out.shape).cuda())
     _assert_bitwise(out.detach(), ref_out, f"{case} compiled forward")
-    _assert_bitwise(x2.grad, ref_gx, f"{case} compiled input gradient")
+    if case.startswith("apot_weight"):  # inductor orders the standardisation's means otherwise
+        _assert_standardised_grad(x2.grad, ref_gx, f"{case} compiled input gradient")
+    else:
+        _assert_bitwise(x2.grad, ref_gx, f"{case} compiled input gradient")
 
 
 @needs_cuda

@@ -119,3 +119,31 @@ def test_dry_run_prints_plan_and_records_nothing(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "3 cells" in res.output and "lsq W4A4" in res.output and "run" in res.output
     assert not (out / "mlflow.db").exists()
+
+
+def test_every_shipped_suite_loads() -> None:
+    shipped = sorted((Path(__file__).parents[1] / "suites").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        assert load_suite(path).cells, path
+
+
+def test_a_cell_on_the_reference_functions_is_its_own_row() -> None:
+    """suites/fused_digits_gpu.yaml runs each method twice, fused and ``fused: false``:
+    the table must not average the two."""
+    from qbench.harness.report import aggregate
+    from qbench.harness.runner import CellResult
+
+    suite = load_suite(Path(__file__).parents[1] / "suites" / "fused_digits_gpu.yaml")
+    results = [
+        CellResult(
+            c.id,
+            c.label,
+            "done",
+            {"top1": 90.0 if c.recipe.get("fused", True) else 80.0, "size_bytes": 1, "compression_ratio": 1},
+        )
+        for c in suite.cells
+    ]
+    rows = {(r["method"], r["bits"]): r for r in aggregate(suite, results)}
+    assert rows[("lsq", "W4A4")]["mean"] == 90.0 and rows[("lsq", "W4A4")]["n"] == 5
+    assert rows[("lsq (fused: false)", "W4A4")]["mean"] == 80.0
