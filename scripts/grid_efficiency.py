@@ -29,7 +29,32 @@ def run(suite: str, data_root: str, devices: str, out: Path, what: str) -> float
     subprocess.run(cmd, check=True)
     took = time.perf_counter() - t0
     print(f"{what} on {devices}: {took:.1f} s", flush=True)
+    breakdown(out)
     return took
+
+
+def breakdown(out: Path) -> None:
+    """Where the cells' time went: each cell's wall time (inside its worker) against its
+    training epochs (the MLflow store's ``wall_time_s`` and ``epoch_time_s``); the rest is
+    the cell's fixed cost (data, model, calibration, compilation, evaluation, records)."""
+    import mlflow
+    from qbench.harness.tracking import default_uri
+
+    client = mlflow.MlflowClient(tracking_uri=default_uri(out))
+    walls, epochs = [], []
+    for exp in client.search_experiments():
+        for r in client.search_runs([exp.experiment_id]):
+            if "wall_time_s" not in r.data.metrics:
+                continue
+            walls.append(r.data.metrics["wall_time_s"])
+            epochs.append(sum(m.value for m in client.get_metric_history(r.info.run_id, "epoch_time_s")))
+    if walls:
+        n = len(walls)
+        print(
+            f"  {n} cells: wall {sum(walls) / n:.1f} s a cell, of which epochs {sum(epochs) / n:.1f} s, "
+            f"fixed cost {(sum(walls) - sum(epochs)) / n:.1f} s; cells' walls sum to {sum(walls):.1f} s",
+            flush=True,
+        )
 
 
 def warm_copy(suite: str, folder: Path) -> str:
