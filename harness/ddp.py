@@ -96,7 +96,10 @@ class DDPReplicas(Replicas):
         # buffers from the first process before every forward (the key was renamed in torch 2.14)
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": True}
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=self.find_unused, **sync)
+        # gradients are views into the all-reduce buckets: no copy into them after each backward
+        return DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=self.find_unused, gradient_as_bucket_view=True, **sync
+        )
 
     def shard(self, split):
         return Shard(split, self.rank, self.world)
@@ -324,8 +327,8 @@ def _throughput(
     warmup: int,
     num_classes: int,
     in_channels: int,
-    compile: bool,
-    find_unused: bool,
+    compile: bool = False,
+    find_unused: bool = FIND_UNUSED,
 ) -> float:
     from qbench.methods.recipe import Recipe
 
