@@ -3,13 +3,14 @@
 An :class:`Executor` takes the plan (cells, parents first) and returns one
 :class:`CellResult` per cell, never raising for a failing cell. A child whose parent
 failed is recorded as failed without running. :class:`LocalExecutor` runs on this
-machine: in this process on the CPU or a single GPU, or one worker process per visible
-GPU. A ``gpus: N`` cell takes N free GPUs at once (on the CPU: N processes; see
+machine: in this process on the CPU or a single GPU, or one worker process per device
+(kept from cell to cell) for several. A ``gpus: N`` cell takes N free GPUs at once (on the CPU: N processes; see
 :mod:`qbench.harness.ddp`). :mod:`qbench.harness.dask_executor` runs them on a Dask cluster.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
@@ -64,60 +65,95 @@ class LocalExecutor(Executor):
     def _run_pool(self, cells, ctx, reporter, runs) -> list[CellResult]:
         spawn = mp.get_context("spawn")
         events = spawn.Queue()
+        threads = worker_threads(len(self.devices))
+        slots = [_Slot(d) for d in self.devices]
         results: dict[str, CellResult] = {}
         pending = list(cells)
-        busy: dict[str, tuple] = {}  # cell id -> (process, cell, its devices)
-        while pending or busy:
-            while pending:
-                ready = next(
-                    (
-                        c
-                        for c in pending
-                        if not c.parent or c.parent in results or c.parent not in {x.id for x in cells}
-                    ),
-                    None,
-                )
-                if ready is None:
-                    break
-                blocked = _blocked(ready, results)
-                if blocked:
+        busy: dict[str, tuple] = {}  # cell id -> (the slot running it, every slot it holds, cell)
+        ids = {x.id for x in cells}
+        try:
+            while pending or busy:
+                while pending:
+                    runnable = (c for c in pending if not c.parent or c.parent in results or c.parent not in ids)
+                    ready = next(runnable, None)
+                    if ready is None:
+                        break
+                    blocked = _blocked(ready, results)
+                    if blocked:
+                        pending.remove(ready)
+                        results[ready.id] = blocked
+                        reporter.cell_end(ready.label, "failed", blocked.error)
+                        continue
+                    free = [slot for slot in slots if slot.cell is None]
+                    # a cell asking for more devices than there are gets them all, and fails naming its recipe key
+                    need = min(ready.typed_recipe.gpus, len(slots))
+                    if len(free) < need:
+                        break  # wait for devices to come free, in plan order
                     pending.remove(ready)
-                    results[ready.id] = blocked
-                    reporter.cell_end(ready.label, "failed", blocked.error)
+                    held = free[:need]
+                    devs = [slot.device for slot in held]
+                    for slot in held:
+                        slot.cell = ready.id
+                    reporter.cell_start(f"{ready.label} on {','.join(devs)}")
+                    held[0].send(spawn, events, threads, (ready, ctx, devs))
+                    busy[ready.id] = (held[0], held, ready)
+                try:
+                    kind, payload = events.get(timeout=0.5)
+                except queue.Empty:
+                    for cid, (slot, held, cell) in list(busy.items()):
+                        if not slot.alive():
+                            results[cid] = CellResult(
+                                cid, cell.label, "failed", error=f"worker exited with code {slot.process.exitcode}"
+                            )
+                            reporter.cell_end(cell.label, "failed", results[cid].error)
+                            for s in held:
+                                s.cell = None
+                            slot.process = None  # the next cell on this device starts a new worker
+                            del busy[cid]
                     continue
-                taken = {d for _, _, devs in busy.values() for d in devs}
-                free = [d for d in self.devices if d not in taken]
-                # a cell asking for more devices than there are gets them all, and fails naming its recipe key
-                need = min(ready.typed_recipe.gpus, len(self.devices))
-                if len(free) < need:
-                    break  # wait for devices to come free, in plan order
-                pending.remove(ready)
-                devs = free[:need]
-                reporter.cell_start(f"{ready.label} on {','.join(devs)}")
-                p = spawn.Process(
-                    target=_worker, args=(ready, ctx, devs, events, worker_threads(len(self.devices))), daemon=True
-                )
-                p.start()
-                busy[ready.id] = (p, ready, devs)
-            try:
-                kind, payload = events.get(timeout=0.5)
-            except queue.Empty:
-                for cid, (p, cell, _) in list(busy.items()):
-                    if not p.is_alive() and cell.id not in results:
-                        results[cell.id] = CellResult(
-                            cell.id, cell.label, "failed", error=f"worker exited with code {p.exitcode}"
-                        )
-                        reporter.cell_end(cell.label, "failed", results[cell.id].error)
-                        del busy[cid]
-                continue
-            if kind == "result":
-                res: CellResult = payload
-                results[res.cell_id] = res
-                busy.pop(res.cell_id)[0].join()
-                reporter.cell_end(res.label, res.status, res.error or _summary(res))
-            else:
-                reporter.event(kind, **payload)
+                if kind == "result":
+                    res: CellResult = payload
+                    results[res.cell_id] = res
+                    for s in busy.pop(res.cell_id)[1]:
+                        s.cell = None
+                    reporter.cell_end(res.label, res.status, res.error or _summary(res))
+                else:
+                    reporter.event(kind, **payload)
+        finally:
+            for slot in slots:
+                slot.stop()
         return [results[c.id] for c in cells]
+
+
+class _Slot:
+    """One device of the local pool and its worker process, started at its first cell and
+    kept for the next ones, as a single device runs every cell in one process: the imports,
+    the CUDA context, the loaded data sets and the compiler's in-memory caches are paid once
+    per device, not once per cell. A worker that dies fails its cell; the next cell on the
+    device starts a new one."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cell: str | None = None  # the cell holding this device
+        self.process = None
+        self.inbox = None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def send(self, spawn, events, threads: int, job: tuple) -> None:
+        if not self.alive():
+            self.inbox = spawn.Queue()
+            self.process = spawn.Process(target=_serve, args=(self.device, self.inbox, events, threads), daemon=True)
+            self.process.start()
+        self.inbox.put(job)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.inbox.put(None)
+            self.process.join(timeout=10)
+            if self.process.is_alive():
+                self.process.terminate()
 
 
 def worker_threads(workers: int) -> int:
@@ -132,16 +168,24 @@ def worker_threads(workers: int) -> int:
     return max(1, cores // max(1, workers))
 
 
-def _worker(cell: Cell, ctx: RunContext, devices: list[str], events, threads: int = 0) -> None:
+def _serve(device: str, inbox, events, threads: int = 0) -> None:
+    """A pool worker: runs the cells ``inbox`` hands it, one at a time, until it gets None."""
     if threads:
         torch.set_num_threads(threads)
     # SIGTERM (the parent ending, a scheduler's preemption) ends the cell like Ctrl-C: the
     # run is marked KILLED and the next run resumes it from the last epoch checkpoint
     signal.signal(signal.SIGTERM, _interrupted)
-    ctx.device, ctx.devices = devices[0], tuple(devices)
-    torch.cuda.set_device(torch.device(devices[0]))
-    res = run_cell(cell, ctx, None, lambda kind, **kw: events.put((kind, kw)))
-    events.put(("result", res))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    while (job := inbox.get()) is not None:
+        cell, ctx, devices = job
+        ctx.device, ctx.devices = devices[0], tuple(devices)
+        res = run_cell(cell, ctx, None, lambda kind, **kw: events.put((kind, kw)))
+        events.put(("result", res))
+        del res
+        gc.collect()  # the cell's model and optimizer, before the next cell (or a DDP cell's
+        if device.startswith("cuda"):  # processes on this device) needs the memory
+            torch.cuda.empty_cache()
 
 
 def _interrupted(signum, frame) -> None:
