@@ -149,11 +149,16 @@ class _Slot:
         self.inbox.put(job)
 
     def stop(self) -> None:
-        if self.alive():
+        """An idle worker ends when told; one still in a cell (the run was interrupted) gets
+        SIGTERM, which ends its cell as Ctrl-C does: checkpointed, marked KILLED."""
+        if not self.alive():
+            return
+        if self.cell is None:
             self.inbox.put(None)
-            self.process.join(timeout=10)
-            if self.process.is_alive():
-                self.process.terminate()
+            self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=30)
 
 
 def worker_threads(workers: int) -> int:

@@ -53,9 +53,14 @@ def _wait_for_lsq_epoch(proc: subprocess.Popen, out: Path, epoch: int = 3) -> in
     raise AssertionError("the LSQ cell never reached its epoch " + str(epoch))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_checkpoints_marks_killed_and_resumes(tmp_path, sig):
-    proc = _start(tmp_path)
+@pytest.mark.parametrize(
+    ("sig", "devices"),
+    [(signal.SIGINT, "cpu"), (signal.SIGTERM, "cpu"), (signal.SIGTERM, "cpu,cpu")],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-worker-pool"],
+)
+def test_interrupt_checkpoints_marks_killed_and_resumes(tmp_path, sig, devices):
+    """In this process, or (``cpu,cpu``) in a pool worker, which the interrupted parent stops."""
+    proc = _start(tmp_path, "--device", devices)
     at = _wait_for_lsq_epoch(proc, tmp_path)
     t0 = time.monotonic()
     proc.send_signal(sig)
