@@ -732,7 +732,7 @@ def _bench_ddp(
     model on the first device alone and with DDP on all of them (same process count per
     device, same per-device batch, synthetic data), and their ratio (the speed-up; 2.0 is
     perfect scaling on two devices); eager and (on CUDA, by default) compiled, each as a
-    cell trains, and eager also without DDP's unused-parameter search (a cell's setting)."""
+    cell trains, and on CUDA eager also without DDP's unused-parameter search (a cell's setting)."""
     from .ddp import FIND_UNUSED, ddp_images_per_second
     from .models import MODELS
     from .plan import check_devices
@@ -761,7 +761,7 @@ def _bench_ddp(
         one = ddp_images_per_second(devices=devices[:1], compile=mode == "compiled", **kw)
         rows.append((mode, "1 device", devices[0], one, 1.0))
         variants = [(f"DDP x{len(devices)}", FIND_UNUSED)]
-        if mode == "eager" and FIND_UNUSED:
+        if mode == "eager" and FIND_UNUSED and on_cuda:  # a GPU diagnostic
             variants.append((f"DDP x{len(devices)}, no unused search", False))
         for name, find_unused in variants:
             many = ddp_images_per_second(devices=devices, compile=mode == "compiled", find_unused=find_unused, **kw)

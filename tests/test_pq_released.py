@@ -25,7 +25,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 #: file -> (model, method, options, official correct top-1 of 500, official size in bytes)
-RELEASED = {
+ALL_RELEASED = {
     "bgd_resnet18_small_blocks.pth": ("resnet18", "bgd", {"regime": "small"}, 373, 1_615_904),
     "bgd_resnet18_large_blocks.pth": ("resnet18", "bgd", {"regime": "large", "block_pw": 4}, 331, 1_079_328),
     "bgd_resnet50_large_blocks.pth": ("resnet50", "bgd", {"regime": "large", "k_fc": 1024}, 371, 3_338_784),
@@ -33,6 +33,12 @@ RELEASED = {
     "pqf_resnet18_large.pth": ("resnet18", "pqf", {"regime": "large", "block_pw": 4}, 351, 1_079_328),
     "pqf_resnet50_large.pth": ("resnet50", "pqf", {"regime": "large", "k_fc": 1024}, 393, 3_339_872),
 }
+
+#: the files CI checks: PQF's ResNet-50 (one of the two slowest evaluations, about a minute
+#: of a 2-core CI run) only with ``QBENCH_ALL_RELEASED=1``; its format is PQF's, which the
+#: two PQF ResNet-18 files check, and the ResNet-50 mapping is BGD's ResNet-50's
+SLOW = {"pqf_resnet50_large.pth"}
+RELEASED = {k: v for k, v in ALL_RELEASED.items() if os.environ.get("QBENCH_ALL_RELEASED") == "1" or k not in SLOW}
 
 _SCRIPT = """
 import json, sys
@@ -67,8 +73,10 @@ def results(shared_data, tmp_path_factory):
         return dict(pool.map(run, order))
 
 
-@pytest.mark.parametrize("name", sorted(RELEASED))
+@pytest.mark.parametrize("name", sorted(ALL_RELEASED))
 def test_released_model_matches_the_official_code(results, name):
+    if name not in RELEASED:
+        pytest.skip(f"{name}: the slowest evaluation, run with QBENCH_ALL_RELEASED=1")
     _, _, _, correct, size = RELEASED[name]
     m = results[name]
     assert m["n_images"] == 500
@@ -93,7 +101,7 @@ def test_leaderboard_sets_each_size_beside_the_papers(results):
     assign_groups(runs)
     table = build_table(runs, load_reported())
     rows = table[(table["dataset"] == "imagenet") & table["method"].isin(["bgd", "pqf"]) & (table["n"] > 0)]
-    assert len(rows) == 6, rows[["method", "model", "aw"]]
+    assert len(rows) == len(RELEASED), rows[["method", "model", "aw"]]
     for _, row in rows.iterrows():
         assert row["reported_size_mb"] > 0, (row["method"], row["model"], row["aw"])
         expected = "differs" if (row["method"], row["model"]) == ("bgd", "resnet50") else "match"
