@@ -35,10 +35,10 @@ ALL_RELEASED = {
 }
 
 #: the files CI checks: PQF's ResNet-50 (one of the two slowest evaluations, about a minute
-#: of a 2-core CI run) only with ``QBENCH_ALL_RELEASED=1``; its format is PQF's, which the
+#: of a 2-core CI run) only with ``QBENCH_ALL_CHECKPOINTS=1``; its format is PQF's, which the
 #: two PQF ResNet-18 files check, and the ResNet-50 mapping is BGD's ResNet-50's
 SLOW = {"pqf_resnet50_large.pth"}
-RELEASED = {k: v for k, v in ALL_RELEASED.items() if os.environ.get("QBENCH_ALL_RELEASED") == "1" or k not in SLOW}
+RELEASED = {k: v for k, v in ALL_RELEASED.items() if os.environ.get("QBENCH_ALL_CHECKPOINTS") == "1" or k not in SLOW}
 
 _SCRIPT = """
 import json, sys
@@ -76,7 +76,7 @@ def results(shared_data, tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(ALL_RELEASED))
 def test_released_model_matches_the_official_code(results, name):
     if name not in RELEASED:
-        pytest.skip(f"{name}: the slowest evaluation, run with QBENCH_ALL_RELEASED=1")
+        pytest.skip(f"{name}: the slowest evaluation, run with QBENCH_ALL_CHECKPOINTS=1")
     _, _, _, correct, size = RELEASED[name]
     m = results[name]
     assert m["n_images"] == 500
