@@ -4,8 +4,8 @@ An :class:`Executor` takes the plan (cells, parents first) and returns one
 :class:`CellResult` per cell, never raising for a failing cell. A child whose parent
 failed is recorded as failed without running. :class:`LocalExecutor` runs on this
 machine: in this process on the CPU or a single GPU, or one worker process per device
-(kept from cell to cell) for several. A ``gpus: N`` cell takes N free GPUs at once (on the CPU: N processes; see
-:mod:`qbench.harness.ddp`). :mod:`qbench.harness.dask_executor` runs them on a Dask cluster.
+(kept from cell to cell) for several. A ``gpus: N`` cell takes N free GPUs at once (on the
+CPU: N processes; see :mod:`qbench.harness.ddp`). :mod:`qbench.harness.dask_executor` runs them on a Dask cluster.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class LocalExecutor(Executor):
         slots = [_Slot(d) for d in self.devices]
         results: dict[str, CellResult] = {}
         pending = list(cells)
-        busy: dict[str, tuple] = {}  # cell id -> (the slot running it, every slot it holds, cell)
+        busy: dict[str, tuple] = {}  # cell id -> (the slots it holds, the first running it; the cell)
         ids = {x.id for x in cells}
         try:
             while pending or busy:
@@ -96,25 +96,23 @@ class LocalExecutor(Executor):
                         slot.cell = ready.id
                     reporter.cell_start(f"{ready.label} on {','.join(devs)}")
                     held[0].send(spawn, events, threads, (ready, ctx, devs))
-                    busy[ready.id] = (held[0], held, ready)
+                    busy[ready.id] = (held, ready)
                 try:
                     kind, payload = events.get(timeout=0.5)
                 except queue.Empty:
-                    for cid, (slot, held, cell) in list(busy.items()):
-                        if not slot.alive():
-                            results[cid] = CellResult(
-                                cid, cell.label, "failed", error=f"worker exited with code {slot.process.exitcode}"
-                            )
-                            reporter.cell_end(cell.label, "failed", results[cid].error)
+                    for cid, (held, cell) in list(busy.items()):
+                        if not held[0].alive():  # the next cell on this device starts a new worker
+                            error = f"worker exited with code {held[0].process.exitcode}"
+                            results[cid] = CellResult(cid, cell.label, "failed", error=error)
+                            reporter.cell_end(cell.label, "failed", error)
                             for s in held:
                                 s.cell = None
-                            slot.process = None  # the next cell on this device starts a new worker
                             del busy[cid]
                     continue
                 if kind == "result":
                     res: CellResult = payload
                     results[res.cell_id] = res
-                    for s in busy.pop(res.cell_id)[1]:
+                    for s in busy.pop(res.cell_id)[0]:
                         s.cell = None
                     reporter.cell_end(res.label, res.status, res.error or _summary(res))
                 else:
@@ -180,7 +178,8 @@ def _serve(device: str, inbox, events, threads: int = 0) -> None:
     # SIGTERM (the parent ending, a scheduler's preemption) ends the cell like Ctrl-C: the
     # run is marked KILLED and the next run resumes it from the last epoch checkpoint
     signal.signal(signal.SIGTERM, _interrupted)
-    if device.startswith("cuda"):
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
         torch.cuda.set_device(torch.device(device))
     while (job := inbox.get()) is not None:
         cell, ctx, devices = job
@@ -189,7 +188,7 @@ def _serve(device: str, inbox, events, threads: int = 0) -> None:
         events.put(("result", res))
         del res
         gc.collect()  # the cell's model and optimizer, before the next cell (or a DDP cell's
-        if device.startswith("cuda"):  # processes on this device) needs the memory
+        if on_cuda:  # processes on this device) needs the memory
             torch.cuda.empty_cache()
 
 
