@@ -19,7 +19,7 @@ from qbench.harness.tracking import default_uri
 
 pytestmark = pytest.mark.slow
 
-SUITE = Path(__file__).parent / "suites" / "dask_digits.yaml"  # 12 cells; LSQ W4A4 trains 8 epochs
+SUITE = Path(__file__).parent / "suites" / "pool_digits.yaml"  # 12 cells; LSQ W4A4 trains 40 epochs
 
 
 class KillMidCell(Reporter):
@@ -32,9 +32,9 @@ class KillMidCell(Reporter):
 
     def event(self, kind: str, **kw) -> None:
         super().event(kind, **kw)
-        if self.victim or kind != "epoch" or kw["total"] != 8 or kw["epoch"] < 2:
+        if self.victim or kind != "epoch" or kw["total"] != 40 or kw["epoch"] < 2:
             return
-        exp = self.client.get_experiment_by_name("dask_digits")
+        exp = self.client.get_experiment_by_name("pool_digits")
         query = "tags.`qbench.w_bits` = '4' and attributes.status = 'RUNNING'"
         for run in self.client.search_runs([exp.experiment_id], query):
             self.victim = run
@@ -73,4 +73,4 @@ def test_workers_are_kept_and_a_killed_one_costs_only_its_cell(tmp_path: Path) -
     assert set(runs["status"]) == {"FINISHED"}
     resumed = MlflowClient(default_uri(tmp_path)).get_metric_history(victim.info.run_id, "test_top1")
     steps = sorted(m.step for m in resumed)
-    assert steps == list(range(1, 9)), f"one curve over the 8 epochs, each once: {steps}"
+    assert steps == list(range(1, 41)), f"one curve over the 40 epochs, each once: {steps}"
