@@ -494,8 +494,17 @@ def run_bench(
         for case in cases:
             log(f"{case.label} [{case.path}] ({mode}) ...")
             results.append(_measure(cfg, case, mode, device, x, y, data))
+            log(f"  {_row_line(results[-1])}")  # as it comes: a run cut short keeps its rows
     _ratios(results)
     return results
+
+
+def _row_line(r: BenchResult) -> str:
+    if r.error or r.skipped:
+        return f"error: {r.error}" if r.error else f"skipped: {r.skipped}"
+    peak = "" if math.isnan(r.peak_mem_mib) else f", peak {r.peak_mem_mib:.0f} MiB"
+    epoch = f", epoch {r.epoch_s:.2f} s" if r.epoch_s is not None else ""
+    return f"{r.step_ms:.3f} ms a step{peak}, warm-up {r.warmup_s:.1f} s{epoch}"
 
 
 def _ratios(results: list[BenchResult]) -> None:
