@@ -6,7 +6,8 @@ Runs the suite twice into two fresh output folders, first on the first device al
 on all of them, and prints both wall times and the efficiency ``T1 / (N x TN)`` (1.0:
 perfect; the acceptance asks for >= 0.9 on two GPUs). With ``--warm``, an untimed copy of
 the suite cut to one seed and one epoch runs first on all devices: it builds the dataset's
-decoded cache and the compiler's caches, so neither timing includes them.
+decoded cache and the compiler's caches, so neither timing includes them; ``--warm-only``
+does just that (e.g. on a GPU that is free while another is busy).
 """
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def main() -> None:
         type=float,
         help="Seconds the grid took on the first device in an earlier call on the same machine: time only all devices.",
     )
+    ap.add_argument("--warm-only", action="store_true", help="Only the untimed warm-up, on --devices.")
     args = ap.parse_args()
     devices = args.devices.split(",")
     root = Path(tempfile.mkdtemp(prefix="grid-"))
     try:
-        if args.warm:
+        if args.warm or args.warm_only:
             run(warm_copy(args.suite, root), args.data_root, args.devices, root / "warm", "warm-up (untimed)")
+            if args.warm_only:
+                return
         t1 = args.one_time or run(args.suite, args.data_root, devices[0], root / "one", "the grid")
         tn = run(args.suite, args.data_root, args.devices, root / "many", "the grid")
     finally:
