@@ -230,6 +230,14 @@ def plan(cfg: BenchConfig, device) -> tuple[tuple[str, ...], list[_Case], list[s
         notes.append(
             "fused kernels: CUDA with triton only (and not QBENCH_FUSED=0): every row uses the reference functions"
         )
+    if True in paths and set(modes) - {"eager"}:
+        from qbench.methods import fused as _fused
+
+        if not _fused.COMPILED_KERNELS:
+            notes.append(
+                "compiled modes: the quantizers trace their reference functions, which inductor fuses, so a fused "
+                "row there runs the same graph as its ref row (QBENCH_FUSED_COMPILED=1 keeps the fused ops)"
+            )
     cases = [_Case("fp32", "fp32", 32, 32)]
     seen = set()
     for name, w, a in cfg.methods:

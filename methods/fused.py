@@ -5,7 +5,10 @@ Every op here computes exactly what a reference function of :mod:`.functional` (
 over the tensor forward and one backward, saving for the backward only what it needs.
 Each op ``qbench::<name>`` is a :func:`torch.library.custom_op` with a fake (meta)
 implementation, so ``torch.compile`` keeps it as one node of the graph (no graph break,
-no decomposition), and an autograd formula that calls ``qbench::<name>_backward``.
+no decomposition), and an autograd formula that calls ``qbench::<name>_backward``. The
+quantizers take these ops in eager mode; in a graph that ``torch.compile`` traces they take
+the reference functions, which inductor fuses with the neighbouring layers, measured faster
+than the opaque ops (:data:`COMPILED_KERNELS` keeps the ops in compiled graphs).
 
 Two implementations of every op:
 
@@ -77,6 +80,14 @@ HAS_TRITON = triton is not None
 #: and compiled) passed on an H200 on 2026-11-28 (docs/benchmarks.md).
 CUDA_ENABLED = os.environ.get("QBENCH_FUSED", "1") != "0"
 
+#: Inside a graph that ``torch.compile`` traces, the quantizers take the reference functions
+#: by default, and inductor fuses them with the layers around them: on an H200 (2026-11-28,
+#: docs/benchmarks.md) that compiled step was 1.4-2.3x faster than the same graph holding the
+#: custom ops, which inductor cannot fuse into their neighbours (their kernels then run as in
+#: eager, one launch each way). ``QBENCH_FUSED_COMPILED=1`` (or this flag) keeps the custom
+#: ops in compiled graphs (they trace without a graph break).
+COMPILED_KERNELS = os.environ.get("QBENCH_FUSED_COMPILED", "0") == "1"
+
 #: dtypes the kernels handle (others take the reference path)
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 BLOCK = 1024
@@ -98,6 +109,13 @@ CLAMP_AT_LO, CLAMP_AT_HI = _clamp_grad_at_bounds()
 
 
 def supported(t: torch.Tensor) -> bool:
+    """Whether a quantizer takes the fused ops for ``t``: the kernels handle it
+    (:func:`handles`), and either this is eager mode or compiled graphs keep the custom ops
+    (:data:`COMPILED_KERNELS`)."""
+    return handles(t) and (COMPILED_KERNELS or not torch.compiler.is_compiling())
+
+
+def handles(t: torch.Tensor) -> bool:
     """Whether the fused CUDA kernels handle ``t``: a CUDA tensor of a float dtype they know,
     with triton importable and the kernels enabled (:data:`CUDA_ENABLED`)."""
     return CUDA_ENABLED and HAS_TRITON and t.is_cuda and t.dtype in _DTYPES and t.numel() > 0

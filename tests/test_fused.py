@@ -348,7 +348,9 @@ def test_cuda_fused_matches_the_reference(case, dtype, monkeypatch):
 @needs_cuda
 @pytest.mark.parametrize("case", ["lsq_signed", "uniform_weight", "pact", "dorefa_act", "apot_weight_cifar", "lq_act"])
 def test_cuda_compiled_without_graph_break(case, monkeypatch):
+    """With ``QBENCH_FUSED_COMPILED=1`` the custom ops stay in the compiled graph."""
     monkeypatch.setattr(fused, "CUDA_ENABLED", True)
+    monkeypatch.setattr(fused, "COMPILED_KERNELS", True)
     torch._dynamo.reset()
     make = CASES[case][0]
     q = make().cuda()
@@ -378,3 +380,22 @@ def test_cuda_set_fused_false_takes_the_reference_path(monkeypatch):
     set_fused(model, False)
     model(x)
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(CHILD, reason="the interpreter child runs the Triton cases only")
+@pytest.mark.parametrize("keep", [False, True])
+def test_compiled_graphs_take_the_reference_unless_told(keep, monkeypatch):
+    """Eager takes the fused ops where the kernels handle the tensor; a graph torch.compile
+    traces takes the reference functions (inductor fuses them), unless COMPILED_KERNELS."""
+    monkeypatch.setattr(fused, "handles", lambda t: True)
+    monkeypatch.setattr(fused, "COMPILED_KERNELS", keep)
+    torch._dynamo.reset()
+    q = LSQQuantizer(4, signed=True)
+    calls = []
+    real = fused.fused_lsq
+    monkeypatch.setattr(fused, "fused_lsq", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(64)
+    q(x)
+    assert len(calls) == 1, "eager: the fused op"
+    torch.compile(q, backend="eager", fullgraph=True)(x)
+    assert len(calls) == (2 if keep else 1), "compiled: the custom op only when kept"
