@@ -74,6 +74,8 @@ NATIVE = {
 }
 
 MODES = ("eager", "compiled", "cudagraphs")
+#: dynamo's recompile limit in the compiled modes (:func:`_forward`)
+RECOMPILE_LIMIT = 64
 #: libraries whose fake-quantizers ``--peer`` can time (:mod:`qbench.harness.peers`; optional installs)
 PEERS = ("torchao",)
 
@@ -253,7 +255,8 @@ def plan(cfg: BenchConfig, device) -> tuple[tuple[str, ...], list[_Case], list[s
             cases.append(_Case(f"{name} W{sw}A{sa}", name, sw, sa, path, fused, note=note))
     for peer in cfg.peers:
         for w, a in dict.fromkeys((w, a) for _, w, a in cfg.methods):
-            cases.append(_Case(f"{peer} W{w}A{a}", f"peer:{peer}", w, a, peer, peer=peer))
+            note = f"compiled: graph breaks in its fake-quantizer, recompile limit {RECOMPILE_LIMIT}"
+            cases.append(_Case(f"{peer} W{w}A{a}", f"peer:{peer}", w, a, peer, peer=peer, note=note))
     return modes, cases, notes
 
 
@@ -326,6 +329,11 @@ def _forward(model, mode: str, cfg: BenchConfig):
     if mode == "eager":
         return model
     torch._dynamo.reset()
+    # a graph break inside a layer's forward (torchao's per-token fake-quantizer has one)
+    # leaves one resume function shared by every layer, recompiled per layer shape: with
+    # dynamo's default limit of 8 the later layers would silently run eager
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
     if mode == "cudagraphs":
         return torch.compile(model, mode="reduce-overhead")
     return torch.compile(model, backend=cfg.compile_backend)
