@@ -5,10 +5,9 @@
 Runs the suite twice into two fresh output folders, first on the first device alone, then
 on all of them, and prints both wall times and the efficiency ``T1 / (N x TN)`` (1.0:
 perfect; the acceptance asks for >= 0.9 on two GPUs). With ``--warm``, an untimed copy of
-the suite cut to one seed and one epoch runs first on each device in turn: it builds the
-dataset's decoded cache and the compiler's caches (one per device index), so neither timing
-includes them; ``--warm-only``
-does just that (e.g. on a GPU that is free while another is busy).
+the suite cut to one seed and one epoch runs first on each device (one single-device run per
+device, side by side): it builds the dataset's decoded cache and the compiler's caches (one
+per device index), so neither timing includes them; ``--warm-only`` does just that.
 """
 
 from __future__ import annotations
@@ -24,11 +23,14 @@ from pathlib import Path
 import yaml
 
 
-def run(suite: str, data_root: str, devices: str, out: Path, what: str) -> float:
+def command(suite: str, data_root: str, devices: str, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "qbench.harness.cli", "run", suite, "--out", str(out), "--data-root", data_root]
-    cmd += ["--device", devices, "--no-leaderboard"]
+    return cmd + ["--device", devices, "--no-leaderboard"]
+
+
+def run(suite: str, data_root: str, devices: str, out: Path, what: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run(command(suite, data_root, devices, out), check=True)
     took = time.perf_counter() - t0
     print(f"{what} on {devices}: {took:.1f} s", flush=True)
     breakdown(out)
@@ -89,10 +91,16 @@ def main() -> None:
         if args.warm or args.warm_only:
             # on each device alone: the compiler's caches are keyed by the device index, so
             # a graph compiled for cuda:0 is compiled again on cuda:1 (measured: the second
-            # GPU's first cells took twice as long when only cuda:0 had been warmed)
+            # GPU's first cells took twice as long when only cuda:0 had been warmed); one
+            # single-device run per device, side by side
             suite = warm_copy(args.suite, root)
-            for i, device in enumerate(devices):
-                run(suite, args.data_root, device, root / f"warm{i}", "warm-up (untimed)")
+            t0 = time.perf_counter()
+            procs = [
+                subprocess.Popen(command(suite, args.data_root, d, root / f"warm{i}")) for i, d in enumerate(devices)
+            ]
+            if any([p.wait() != 0 for p in procs]):  # every one waited for
+                sys.exit("the warm-up failed")
+            print(f"warm-up (untimed) on each of {args.devices}: {time.perf_counter() - t0:.1f} s", flush=True)
             if args.warm_only:
                 return
         t1 = args.one_time or run(args.suite, args.data_root, devices[0], root / "one", "the grid")
