@@ -115,6 +115,14 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
+def uses_cudagraphs(r: Recipe, device: torch.device) -> bool:
+    """Whether the recipe's compiled model replays CUDA graphs (``compile`` and
+    ``cudagraphs`` on CUDA): each step or batch then starts with
+    ``torch.compiler.cudagraph_mark_step_begin()``, which tells the graphs that the previous
+    replay's outputs are done with (they were read before the next call)."""
+    return r.compile and r.cudagraphs and device.type == "cuda"
+
+
 def evaluate(model: nn.Module, split, r: Recipe, device: torch.device) -> EvalResult:
     from .determinism import deterministic_cpu
 
@@ -124,7 +132,10 @@ def evaluate(model: nn.Module, split, r: Recipe, device: torch.device) -> EvalRe
     loss = torch.zeros((), device=device, dtype=torch.float64)
     n = 0
     cl = r.channels_last and device.type == "cuda"
+    graphs = uses_cudagraphs(r, device)
     for x, y in split.batches(r.eval_batch_size, train=False, device=device, channels_last=cl):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         # on the CPU: the same logits whatever the thread count, backend or load
         with autocast(device, r.amp), deterministic_cpu(enabled=device.type == "cpu"):
             out = model(x)
@@ -160,8 +171,11 @@ def make_train_step(
     clipping, optimizer step. Returns the detached task loss and output; nothing is read
     back to the host."""
     fwd = forward if forward is not None else model
+    graphs = uses_cudagraphs(r, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if graphs:  # a new iteration: the last one's outputs were read; replays may overwrite them
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, r.amp):
             out = fwd(x)
             if loss_fn is None:

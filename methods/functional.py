@@ -222,4 +222,8 @@ def qem_basis(
     k = e.shape[2]
     eye = torch.eye(k, dtype=torch.float32, device=x.device)
     rhs = btx + delta * basis.t().float()
-    return torch.linalg.solve(btb + delta * eye, rhs.unsqueeze(-1)).squeeze(-1).t()
+    # solve_ex: the same LU solve as linalg.solve without its singularity check, which reads
+    # a status back from the GPU (a host synchronisation per quantizer per step, and an error
+    # inside a CUDA graph); the ridge keeps the systems non-singular
+    solution, _ = torch.linalg.solve_ex(btb + delta * eye, rhs.unsqueeze(-1))
+    return solution.squeeze(-1).t()

@@ -260,3 +260,34 @@ def test_ddp_throughput_on_two_gloo_processes(tmp_path) -> None:
 def test_ddp_needs_two_devices() -> None:
     res = CliRunner().invoke(cli, ["bench", "--model", "small_cnn", "--ddp", "cpu"])
     assert res.exit_code == 2 and "--ddp" in res.output
+
+
+def test_cells_with_cuda_graphs_mark_each_step_and_batch(monkeypatch):
+    """A cell with ``compile`` and ``cudagraphs`` tells the graphs where each training step
+    and evaluation batch begins (the previous replay's outputs are done with); without
+    ``cudagraphs`` nothing is marked. (The marks are what the CPU can check.)"""
+    import torch
+    from qbench.harness import train
+    from qbench.methods.recipe import Recipe
+    from torch import nn
+
+    class Split:
+        def batches(self, batch_size, train=False, device=None, generator=None, channels_last=False, drop_last=False):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                yield torch.randn(4, 5, generator=g), torch.randint(0, 2, (4,), generator=g)
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cpu = torch.device("cpu")
+    for graphs, expected in ((True, 6), (False, 0)):
+        marks.clear()
+        r = Recipe(compile=True, cudagraphs=graphs, batch_size=4, eval_batch_size=4)
+        monkeypatch.setattr(train, "uses_cudagraphs", lambda r, d: r.compile and r.cudagraphs)  # as on CUDA
+        model = nn.Linear(5, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = train.make_train_step(model, opt, r, cpu)
+        for x, y in Split().batches(4):
+            step(x, y)
+        train.evaluate(model, Split(), r, cpu)
+        assert len(marks) == expected, (graphs, len(marks))
