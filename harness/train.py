@@ -114,7 +114,6 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-@torch.no_grad()
 def uses_cudagraphs(r: Recipe, device: torch.device) -> bool:
     """Whether the recipe's compiled model replays CUDA graphs (``compile`` and
     ``cudagraphs`` on CUDA): each step or batch then starts with
@@ -123,6 +122,7 @@ def uses_cudagraphs(r: Recipe, device: torch.device) -> bool:
     return r.compile and r.cudagraphs and device.type == "cuda"
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, split, r: Recipe, device: torch.device) -> EvalResult:
     from .determinism import deterministic_cpu
 

@@ -291,3 +291,26 @@ def test_cells_with_cuda_graphs_mark_each_step_and_batch(monkeypatch):
             step(x, y)
         train.evaluate(model, Split(), r, cpu)
         assert len(marks) == expected, (graphs, len(marks))
+
+
+def test_evaluation_builds_no_autograd_graph():
+    """The shared evaluation loop runs under no_grad: with a graph, its summed loss would keep
+    every batch's activations alive (a 500-image ImageNet evaluation grew to 22 GB)."""
+    import torch
+    from qbench.harness import train
+    from qbench.methods.recipe import Recipe
+    from torch import nn
+
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    class Split:
+        def batches(self, batch_size, train=False, device=None, channels_last=False):
+            yield torch.randn(4, 5), torch.randint(0, 2, (4,))
+
+    train.evaluate(Probe(5, 2), Split(), Recipe(eval_batch_size=4), torch.device("cpu"))
+    assert seen == [False]
