@@ -40,3 +40,13 @@ def run_suite(suite: Path, out: Path, timeout: float = 600) -> None:
         timeout=timeout,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def sigint_as_a_terminal_sends_it() -> None:
+    """``preexec_fn`` for a child a test sends SIGINT: its SIGINT at the default, as a shell
+    in a terminal starts it. A test session started in the background by a script (``cmd &``
+    without job control) ignores SIGINT, every child inherits that, and Python then installs
+    no KeyboardInterrupt handler: the Ctrl-C tests would test nothing but the launch."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

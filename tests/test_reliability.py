@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import sigint_as_a_terminal_sends_it
 
 SUITES = Path(__file__).parent / "suites"
 
@@ -35,6 +36,7 @@ def _start(out: Path, *extra: str, suite: Path = SUITES / "long.yaml") -> subpro
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_a_terminal_sends_it,
     )
 
 

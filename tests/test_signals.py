@@ -19,6 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import sigint_as_a_terminal_sends_it
 
 pytest.importorskip("distributed")
 
@@ -83,6 +84,7 @@ def start(out: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=sigint_as_a_terminal_sends_it,
     )
 
 
