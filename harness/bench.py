@@ -342,17 +342,14 @@ def _forward(model, mode: str, cfg: BenchConfig):
 def _step_fn(model, fwd: Callable, method, opt, recipe, device, mode: str = "eager"):
     """The runner's training step (:func:`qbench.harness.train.make_train_step`) followed by
     the method's per-step hook, as one call."""
-    import torch
-
     from .train import make_train_step
 
+    if mode == "cudagraphs":  # the step marks each iteration for the graphs, as a cell's does
+        recipe = recipe.with_(compile=True, cudagraphs=True)
     train_step = make_train_step(model, opt, recipe, device, method.extra_loss, forward=fwd)
     counter = {"step": 0}
-    graphs = mode == "cudagraphs"
 
     def step(x, y):
-        if graphs:  # a new iteration: the previous replay's outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
         loss, _ = train_step(x, y)
         counter["step"] += 1
         method.on_step(model, counter["step"])
