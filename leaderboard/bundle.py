@@ -89,13 +89,31 @@ def record_path(root: Path, experiment: str, cell_id: str) -> Path:
     return root / safe_folder_name(experiment) / f"{cell_id}.json"
 
 
+def _keep_what_the_bundle_knows(record: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The same run imported again from a copy of its store that lacks files (a store moved
+    to another folder, or slimmed before it travelled) keeps the artifacts and checkpoint
+    SHA-256 the bundle already holds for it; a different run of the cell replaces it."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return record
+    if not isinstance(old, dict) or old.get("run_id") != record["run_id"]:
+        return record
+    if isinstance(old.get("artifacts"), dict):
+        record["artifacts"] = dict(sorted({**old["artifacts"], **record["artifacts"]}.items()))
+    if record["checkpoint_sha256"] is None and isinstance(old.get("checkpoint_sha256"), str):
+        record["checkpoint_sha256"] = old["checkpoint_sha256"]
+    return record
+
+
 def write_bundle(runs: list[tuple[Run, str | None]], root: Path) -> tuple[int, int]:
     """Write each (run, checkpoint SHA-256) to ``root``; returns (written, unchanged). A file
     is rewritten only when its content changes, so importing twice changes nothing."""
     written = unchanged = 0
     for run, sha in runs:
         path = record_path(root, run.experiment, run.cell_id)
-        text = json.dumps(run_record(run, sha), indent=1, sort_keys=False, ensure_ascii=False) + "\n"
+        record = _keep_what_the_bundle_knows(run_record(run, sha), path)
+        text = json.dumps(record, indent=1, sort_keys=False, ensure_ascii=False) + "\n"
         if path.exists() and path.read_text(encoding="utf-8") == text:
             unchanged += 1
             continue

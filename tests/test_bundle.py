@@ -102,3 +102,17 @@ def test_a_damaged_bundle_file_is_one_line_naming_it(tmp_path, content, problem)
     assert res.exit_code == 2, res.output
     assert str(bad) in res.output and problem in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "site").exists()
+
+
+def test_importing_a_moved_copy_of_the_store_keeps_the_artifacts_and_hash_the_bundle_holds(tmp_path):
+    _store(tmp_path / "gpu")
+    bundle = tmp_path / "results"
+    assert CliRunner().invoke(cli, ["import", str(tmp_path / "gpu"), "--bundle", str(bundle)]).exit_code == 0
+    rec_path = bundle / safe_folder_name("gpu-campaign") / f"{LSQ}.json"
+    first = json.loads(rec_path.read_text())
+    # the store brought back into another folder: its runs point at artifact folders that are gone
+    (tmp_path / "gpu").rename(tmp_path / "elsewhere")
+    res = CliRunner().invoke(cli, ["import", str(tmp_path / "elsewhere"), "--bundle", str(bundle)])
+    assert res.exit_code == 0, res.output
+    assert "2 without a checkpoint" in res.output and "2 unchanged" in res.output
+    assert json.loads(rec_path.read_text()) == first
