@@ -68,6 +68,8 @@ from .suite import parse_option_pairs
 NATIVE = {
     "resnet20": (32, 3),
     "resnet56": (32, 3),
+    "bireal_resnet20": (32, 3),
+    "bireal_resnet56": (32, 3),
     "vgg7": (32, 3),
     "lenet5": (28, 1),
     "small_cnn": (8, 1),

@@ -195,6 +195,32 @@ def lq_quantize(x: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.gather(levels, 1, idx), idx
 
 
+#: partial sums per group that :func:`level_counts_and_sums` spreads a group's elements over
+LEVEL_SLOTS = 4096
+
+
+def level_counts_and_sums(x: torch.Tensor, idx: torch.Tensor, num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many elements of each group sit at each level, and their sum: ``counts`` and
+    ``sums`` [G, L] (float32) for ``x`` [G, M] and its level indices ``idx`` [G, M].
+
+    Element m of a group adds into partial sum ``m % S`` of its level (S up to
+    :data:`LEVEL_SLOTS` per group), and the partial sums are added after. A scatter straight
+    into the L bins of a group makes every element of an activation tensor (one group,
+    millions of elements, most of them at the zero level after a ReLU) an atomic add to the
+    same few addresses on a GPU, which the GPU carries out one after another; spread over S
+    partial sums they run side by side. Counts are exact either way (whole numbers below
+    2^24); the sums are the same sums, added in another order."""
+    g, m = x.shape
+    slots = max(1, min(m, LEVEL_SLOTS // g))
+    lane = torch.arange(m, device=x.device) % slots  # [M]
+    where = idx + (lane * num_levels).unsqueeze(0)  # [G, M] -> one of slots * L partial sums
+    counts = torch.zeros(g, slots * num_levels, dtype=torch.float32, device=x.device)
+    counts.scatter_add_(1, where, torch.ones_like(x, dtype=torch.float32))
+    sums = torch.zeros(g, slots * num_levels, dtype=torch.float32, device=x.device)
+    sums.scatter_add_(1, where, x.float())
+    return counts.view(g, slots, num_levels).sum(1), sums.view(g, slots, num_levels).sum(1)
+
+
 def qem_basis(
     x: torch.Tensor,
     idx: torch.Tensor,
@@ -211,11 +237,7 @@ def qem_basis(
     ``basis`` [K, G]. B^T B and B^T x only depend on how many elements sit at each level
     and their sum, so they are formed from per-level counts and sums (O(M), not O(M K)).
     Returns the new basis [K, G]."""
-    g, num_levels = sorted_codes.shape[0], sorted_codes.shape[1]
-    counts = torch.zeros(g, num_levels, dtype=torch.float32, device=x.device)
-    counts.scatter_add_(1, idx, torch.ones_like(x, dtype=torch.float32))
-    sums = torch.zeros(g, num_levels, dtype=torch.float32, device=x.device)
-    sums.scatter_add_(1, idx, x.float())
+    counts, sums = level_counts_and_sums(x, idx, sorted_codes.shape[1])
     e = sorted_codes.float()  # [G, L, K]
     btb = (counts[:, :, None, None] * e[:, :, :, None] * e[:, :, None, :]).sum(1)  # [G, K, K]
     btx = (sums[:, :, None] * e).sum(1)  # [G, K]

@@ -314,3 +314,17 @@ def test_evaluation_builds_no_autograd_graph():
 
     train.evaluate(Probe(5, 2), Split(), Recipe(eval_batch_size=4), torch.device("cpu"))
     assert seen == [False]
+
+
+@pytest.mark.parametrize("model", ["resnet20", "bireal_resnet20"])
+def test_cifar_models_are_timed_at_their_own_32px_input(tmp_path, model):
+    """A CIFAR network (Bi-Real's included) is timed on 32x32 inputs with 10 classes unless
+    told otherwise, never at ImageNet's 224 px."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", model, "--method", "bireal" if "bireal" in model else "lsq"]
+    res = CliRunner().invoke(
+        cli, [*args, "--batch-size", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"{model} @ 32px" in res.output
+    assert json.loads(out.read_text())["results"][1]["error"] == ""

@@ -281,3 +281,19 @@ def test_qem_recovers_the_basis_of_data_on_its_levels():
         basis = Fq.qem_basis(x, idx, sc, basis, delta=0.0)
     assert torch.allclose(basis, true, atol=1e-5)
     assert not math.isclose(float(start[0]), 0.25)
+
+
+@pytest.mark.parametrize("groups,m", [(1, 10_000), (3, 200), (5000, 7)])
+def test_level_counts_and_sums_match_a_one_hot_reduction(groups, m):
+    """The per-level counts and sums that QEM solves from, spread over partial sums (one
+    group of 10,000 elements: 4,096 of them; 5,000 groups: one each), equal the plain
+    one-hot reduction: counts exactly, sums to float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    levels = 8
+    x = torch.randn(groups, m, generator=g)
+    idx = torch.randint(0, levels, (groups, m), generator=g)
+    idx[:, : m // 2] = 0  # most elements at one level, as after a ReLU
+    counts, sums = Fq.level_counts_and_sums(x, idx, levels)
+    onehot = torch.nn.functional.one_hot(idx, levels).double()  # [G, M, L]
+    assert torch.equal(counts.double(), onehot.sum(1))
+    assert torch.allclose(sums.double(), (onehot * x.double().unsqueeze(-1)).sum(1), atol=1e-4)
