@@ -244,14 +244,25 @@ def _group_row(g: _Group, comments: dict[str, str]) -> dict:
     }
 
 
+def _fp_ancestor(run: Run, by_cell: dict[str, Run]) -> Run | None:
+    """The full-precision run a run descends from: its parent, or up a progressive chain
+    (APoT's FP -> 4 -> 3 -> 2 bits) to the chain's start; None if there is none in the store."""
+    seen: set[str] = set()
+    while (p := run.tag("parent")) in by_cell and p not in seen:
+        seen.add(p)
+        run = by_cell[p]
+        if run.tag("method") == "fp32":
+            return run
+    return None
+
+
 def _baseline_group(members: list[Run], by_cell: dict[str, Run], groups: dict[str, list[Run]]) -> _Group | None:
-    """The full-precision group the runs of one configuration were trained from (their
-    parents' group, when every parent is one fp32 configuration), or None."""
-    parents = {by_cell[p].group for r in members if (p := r.tag("parent")) in by_cell}
-    if len(parents) != 1:
+    """The full-precision group the runs of one configuration descend from (their parents',
+    or their chain's start), when that is one fp32 configuration; else None."""
+    roots = {a.group for r in members if (a := _fp_ancestor(r, by_cell)) is not None}
+    if len(roots) != 1:
         return None
-    group = groups[parents.pop()]
-    return _Group(group) if group[0].tag("method") == "fp32" else None
+    return _Group(groups[roots.pop()])
 
 
 def _reported_baselines(reported: pd.DataFrame) -> dict[tuple, float]:

@@ -829,3 +829,24 @@ def test_run_page_links_its_checkpoint_and_says_how_to_open_its_mlflow_run(tmp_p
     assert not href.startswith("/") and (index.parent / "runs" / href).resolve().read_bytes() == b"the weights"
     assert f"mlflow ui --backend-store-uri {s.uri}" in page
     assert f"http://127.0.0.1:5000/#/experiments/{s.exps['smoke']}/runs/{rid}" in page
+
+
+def test_a_progressive_chain_takes_its_drop_from_the_chains_full_precision_start(tmp_path):
+    """APoT's chain FP -> 4 -> 3 bits: the 3-bit row's drop is from the full-precision model
+    the chain started from (its grandparent), beside the paper's drop from its own."""
+    s = Store(tmp_path / "mlflow")
+    kw = {"dataset": "cifar10", "model": "resnet20", "extra_params": {"dataset_options.format": "jpeg"}}
+    for seed, (fp, w4, w3) in enumerate([(90.0, 89.0, 88.0), (90.2, 89.4, 88.4)]):
+        s.run("fp32", 32, 32, seed, fp, **kw)
+        s.run("apot", 4, 4, seed, w4, parent=f"cifar10-resnet20-fp32-32-32-{seed}", **kw)
+        s.run("apot", 3, 3, seed, w3, parent=f"cifar10-resnet20-apot-4-4-{seed}", **kw)
+    chain = (
+        DROPS
+        + """  - {dataset: cifar10, model: resnet20, method: apot, w_bits: 3, a_bits: 3, metric: top1,
+     value: 90.5, source: "Table 1"}
+"""
+    )
+    table = leaderboard_table(s.uri, reported=load_reported([("methods/reported/demo2.yaml", chain)]), bundle=None)
+    w3 = _row(table, "apot", "3/3", dataset="cifar10")
+    assert w3["drop"] == pytest.approx(88.2 - 90.1) and w3["reported_drop"] == pytest.approx(-1.5)
+    assert w3["delta_basis"] == "drop" and w3["badge"] == "within"  # -1.9 against -1.5, tolerance 0.5
