@@ -219,7 +219,13 @@ def run(
             t = f"~{human(est[c.id].seconds)}" if c.id in est else ""
             click.echo(f"  {c.id}  {action:11s} {c.label}  epochs={epochs} {t}{parent}")
         total = sum(e.seconds for e in est.values())
-        click.echo(f"{len(pending)} cells to run, about {human(total)} on one {dev} (one timed step per configuration)")
+        unestimated = len(pending) - len(est)
+        click.echo(
+            f"{len(pending)} cells to run, about {human(total)} on one {dev} (one timed step per configuration)"
+            if not unestimated
+            else f"{len(pending)} cells to run; {len(est)} of them about {human(total)} on one {dev}, "
+            f"{unestimated} not estimated (detection and segmentation cells are not timed ahead)"
+        )
         return
     if pending and (device_list or ["cuda:0" if torch_cuda() else "cpu"])[0] == "cpu":
         warning = cpu_warning(pending, data_root)

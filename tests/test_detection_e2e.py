@@ -39,3 +39,15 @@ def test_detection_suite_runs_and_records_coco_ap(tmp_path):
     assert (lsq["metrics.compression_ratio"] > 4).all(), "W4 weights store in about an eighth"
     again = run()
     assert again.returncode == 0 and "skip" in (again.stdout + again.stderr).lower()
+
+
+def test_dry_run_says_which_cells_it_did_not_estimate(tmp_path):
+    """Detection and segmentation cells are not timed ahead: the dry run says so instead of
+    adding them up as zero seconds."""
+    from click.testing import CliRunner
+    from qbench.harness.cli import cli
+
+    res = CliRunner().invoke(cli, ["run", str(SUITE), "--dry-run", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "not estimated (detection and segmentation cells are not timed ahead)" in res.output
+    assert "about 0 s on one cpu (one timed step" not in res.output
