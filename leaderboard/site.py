@@ -296,6 +296,22 @@ def _bops_plot(runs: list[Run], rows: list[dict], task: str) -> Markup | None:
     )
 
 
+def _curve_gap(run: Run) -> dict | None:
+    """Where the test-accuracy curve's last point (the model scored during training, through
+    the compiled forward where the recipe compiles) is the last epoch's and differs from
+    ``top1`` (the finished model, after the method's finalize step, scored eagerly): the two
+    numbers and the gap, for the run page to say why both exist; else None."""
+    pts = sorted(run.curves.get("test_top1") or [])
+    top1 = run.metrics.get("top1")
+    try:
+        epochs = int(run.params.get("recipe.epochs", ""))
+    except ValueError:
+        return None
+    if not pts or top1 is None or pts[-1][0] != epochs or abs(pts[-1][1] - top1) < 0.005:
+        return None
+    return {"epoch": epochs, "curve": pts[-1][1], "top1": top1, "gap": top1 - pts[-1][1]}
+
+
 def _curve_plots(run: Run) -> list[Markup]:
     c = run.curves
     plots = []
@@ -535,6 +551,7 @@ def render_site(
                 packages=packages,
                 footprint=_footprint(run.artifacts.get("footprint.json")),
                 curves=_curve_plots(run),
+                curve_gap=_curve_gap(run),
                 metrics=sorted(run.metrics.items()),
                 tags=sorted(run.tags.items()),
                 mlflow=_mlflow_info(tracking_uri, run),

@@ -850,3 +850,27 @@ def test_a_progressive_chain_takes_its_drop_from_the_chains_full_precision_start
     w3 = _row(table, "apot", "3/3", dataset="cifar10")
     assert w3["drop"] == pytest.approx(88.2 - 90.1) and w3["reported_drop"] == pytest.approx(-1.5)
     assert w3["delta_basis"] == "drop" and w3["badge"] == "within"  # -1.9 against -1.5, tolerance 0.5
+
+
+def test_run_page_explains_a_curve_that_ends_off_the_result(tmp_path):
+    """When the test curve's last-epoch point (the model during training, compiled where the
+    recipe compiles) differs from top1 (the finished model, not compiled), the run page gives
+    both numbers and why; when they agree, or the curve stops before the last epoch, it says
+    nothing."""
+    import dataclasses
+
+    from qbench.leaderboard.site import _curve_gap
+
+    s = Store(tmp_path / "mlflow")
+    s.run("lsq", 4, 4, 0, 96.0, epochs=4)  # the fixture's curve ends at 96.0 - 2/4
+    table = leaderboard_table(s.uri, reported=load_reported([]), bundle=None)
+    runs = fetch_runs(s.uri, details=True)
+    render_site(table, runs, tmp_path / "site", s.uri, reported=None)
+    (page,) = (tmp_path / "site" / "runs").glob("*.html")
+    text = page.read_text()
+    assert "curve's point at epoch 4 (95.50) differs from <code>top1</code> (96.00) by +0.50 points" in text
+    (run,) = runs
+    assert _curve_gap(run) == {"epoch": 4, "curve": 95.5, "top1": 96.0, "gap": 0.5}
+    same = dataclasses.replace(run, curves={"test_top1": [(2, 95.0), (4, 96.0)]})
+    early = dataclasses.replace(run, curves={"test_top1": [(2, 95.0), (3, 95.2)]})
+    assert _curve_gap(same) is None and _curve_gap(early) is None
