@@ -84,6 +84,7 @@ def main() -> None:
         help="Seconds the grid took on the first device in an earlier call on the same machine: time only all devices.",
     )
     ap.add_argument("--warm-only", action="store_true", help="Only the untimed warm-up, on --devices.")
+    ap.add_argument("--one-only", action="store_true", help="Only time the grid on the first device (for --one-time).")
     args = ap.parse_args()
     devices = args.devices.split(",")
     root = Path(tempfile.mkdtemp(prefix="grid-"))
@@ -104,6 +105,9 @@ def main() -> None:
             if args.warm_only:
                 return
         t1 = args.one_time or run(args.suite, args.data_root, devices[0], root / "one", "the grid")
+        if args.one_only:
+            print(f"1 device ({devices[0]}): {t1:.1f} s (pass --one-time {t1:.1f} to time {args.devices})")
+            return
         tn = run(args.suite, args.data_root, args.devices, root / "many", "the grid")
     finally:
         shutil.rmtree(root, ignore_errors=True)
