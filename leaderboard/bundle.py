@@ -89,13 +89,14 @@ def record_path(root: Path, experiment: str, cell_id: str) -> Path:
     return root / safe_folder_name(experiment) / f"{cell_id}.json"
 
 
-def _keep_what_the_bundle_knows(record: dict[str, Any], path: Path) -> dict[str, Any]:
+def _keep_what_the_bundle_knows(record: dict[str, Any], old_text: str | None) -> dict[str, Any]:
     """The same run imported again from a copy of its store that lacks files (a store moved
     to another folder, or slimmed before it travelled) keeps the artifacts and checkpoint
-    SHA-256 the bundle already holds for it; a different run of the cell replaces it."""
+    SHA-256 the bundle already holds for it (``old_text``: its file there, if any); a
+    different run of the cell replaces it."""
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        old = json.loads(old_text) if old_text is not None else None
+    except json.JSONDecodeError:
         return record
     if not isinstance(old, dict) or old.get("run_id") != record["run_id"]:
         return record
@@ -112,9 +113,13 @@ def write_bundle(runs: list[tuple[Run, str | None]], root: Path) -> tuple[int, i
     written = unchanged = 0
     for run, sha in runs:
         path = record_path(root, run.experiment, run.cell_id)
-        record = _keep_what_the_bundle_knows(run_record(run, sha), path)
+        try:
+            old_text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            old_text = None
+        record = _keep_what_the_bundle_knows(run_record(run, sha), old_text)
         text = json.dumps(record, indent=1, sort_keys=False, ensure_ascii=False) + "\n"
-        if path.exists() and path.read_text(encoding="utf-8") == text:
+        if old_text == text:
             unchanged += 1
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
